@@ -1,0 +1,84 @@
+"""The shared exploration flags (spelled as upstream) and the one adapter from argparse to a ChannelExplorer.
+
+Only this module of chex_core sees ``argparse``; every task entry point calls :func:`add_chex_args`, then
+:func:`validate_chex_args` right after parsing, then :func:`explorer_from_args` once the model exists.
+"""
+from __future__ import annotations
+
+import argparse
+
+from torch import nn
+
+from .allocate import ALLOCATIONS
+from .css import CRITERIA
+from .explorer import ChannelExplorer
+from .groups import ChannelGroup
+from .regrow import REGROW_METHODS
+from .schedule import ExplorationSchedule
+
+__all__ = ["add_chex_args", "validate_chex_args", "explorer_from_args", "schedule_from_args"]
+
+
+def add_chex_args(parser: argparse.ArgumentParser, *, unit: str = "epochs", defaults: dict | None = None) -> None:
+    """Add the CHEX flags. ``unit`` names what ``--delta_T``/``--T_max`` count (epochs or iterations)."""
+    d = {"channel_sparsity": 0.2, "init_channel_ratio": 0.2, "delta_T": 2, "T_max": 250, **(defaults or {})}
+    g = parser.add_argument_group("CHEX channel exploration")
+    g.add_argument("--grow_prune", action="store_true",
+                   help="turn CHEX on: prune and regrow channels during training (default: dense training)")
+    g.add_argument("--channel_sparsity", type=float, default=d["channel_sparsity"],
+                   help="S: fraction of prunable channels removed in the final model, in [0, 1) "
+                        f"(default {d['channel_sparsity']})")
+    g.add_argument("--init_channel_ratio", type=float, default=d["init_channel_ratio"],
+                   help="delta0: initial regrow fraction, in [0, S]; training starts with 1-S+delta0 of the "
+                        f"prunable channels (default {d['init_channel_ratio']})")
+    g.add_argument("--delta_T", type=int, default=d["delta_T"],
+                   help=f"Delta T: {unit} between exploration events (default {d['delta_T']})")
+    g.add_argument("--T_max", type=int, default=d["T_max"],
+                   help=f"last {unit[:-1]} at which an event may happen; masks are frozen after it "
+                        f"(default {d['T_max']})")
+    g.add_argument("--chex-criterion", choices=CRITERIA, default="qr",
+                   help="intra-layer column-subset-selection criterion: qr = pivoted QR (default), leverage = SVD "
+                        "leverage scores (official CLS code), l1 = filter L1 norm")
+    g.add_argument("--chex-regrow", choices=REGROW_METHODS, default="importance",
+                   help="which pruned channels regrow: importance sampling by projection residual (paper, default) "
+                        "or uniformly at random (released DET/SEG code)")
+    g.add_argument("--chex-allocation", choices=ALLOCATIONS, default="global",
+                   help="channel counts per layer: global |gamma| ranking (paper, default) or uniform")
+    g.add_argument("--chex-min-channels", type=int, default=1,
+                   help="minimum number of channels every pruned layer keeps (default 1)")
+    g.add_argument("--chex-prune-downsample", action="store_true",
+                   help="also mask the residual downsample convs, as the official ResNet-50 code does; a compact "
+                        "model keeps them full width, so this only changes the zero-aware FLOPs count")
+    g.add_argument("--chex-seed", type=int, default=None,
+                   help="seed of the exploration RNG, shared by all ranks (default: --seed, or 0)")
+
+
+def validate_chex_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with status 2 and one line naming the flag if a CHEX flag is out of range."""
+    if not 0.0 <= args.channel_sparsity < 1.0:
+        parser.error(f"--channel_sparsity must be in [0, 1), got {args.channel_sparsity}")
+    if not 0.0 <= args.init_channel_ratio <= args.channel_sparsity:
+        parser.error(f"--init_channel_ratio must be in [0, --channel_sparsity={args.channel_sparsity}], "
+                     f"got {args.init_channel_ratio}")
+    if args.delta_T < 1:
+        parser.error(f"--delta_T must be >= 1, got {args.delta_T}")
+    if args.T_max < args.delta_T:
+        parser.error(f"--T_max ({args.T_max}) must be >= --delta_T ({args.delta_T})")
+    if args.chex_min_channels < 1:
+        parser.error(f"--chex-min-channels must be >= 1, got {args.chex_min_channels}")
+
+
+def schedule_from_args(args: argparse.Namespace, steps_per_unit: int) -> ExplorationSchedule:
+    return ExplorationSchedule(args.delta_T, args.T_max, args.channel_sparsity, args.init_channel_ratio,
+                               steps_per_unit=max(1, int(steps_per_unit)))
+
+
+def explorer_from_args(args: argparse.Namespace, model: nn.Module, groups: list[ChannelGroup],
+                       steps_per_unit: int) -> ChannelExplorer | None:
+    """A ChannelExplorer configured from the flags, or None when ``--grow_prune`` is off."""
+    if not args.grow_prune:
+        return None
+    seed = args.chex_seed if args.chex_seed is not None else (getattr(args, "seed", None) or 0)
+    return ChannelExplorer(model, groups, schedule_from_args(args, steps_per_unit), criterion=args.chex_criterion,
+                           regrow=args.chex_regrow, allocation=args.chex_allocation,
+                           min_channels=args.chex_min_channels, seed=seed)

@@ -1,0 +1,232 @@
+"""ChannelExplorer: groups, masks that stay dead, MRU restore, event budgets, state round trip, resume."""
+import io
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from chex_core import ChannelExplorer, ExplorationSchedule, resnet_groups
+from conftest import tiny_basic, tiny_bottleneck
+
+
+@pytest.mark.parametrize("arch, n_groups, n_channels, n_with_down", [
+    ("resnet18", 8, 1920, 11), ("resnet34", 16, 3776, 19), ("resnet50", 32, 7552, 36), ("resnet101", 66, 16256, 70),
+])
+def test_torchvision_resnet_groups(arch, n_groups, n_channels, n_with_down):
+    m = getattr(torchvision.models, arch)()
+    groups = resnet_groups(m)
+    assert len(groups) == n_groups and sum(g.size for g in groups) == n_channels
+    assert len(resnet_groups(m, include_downsample=True)) == n_with_down
+    names = {g.producer for g in groups}
+    assert "conv1" not in names and not any(n.endswith("conv3") for n in names)   # stem and residual never pruned
+    if arch == "resnet50":   # the official ResNet-50 code has 36 prunable layers, 11392 channels (ALGORITHM.md §2.3)
+        assert sum(g.size for g in resnet_groups(m, include_downsample=True)) == 11392
+
+
+def test_groups_reject_frozen_norm_and_plain_models():
+    m = tiny_basic()
+    m.layer1[0].bn1 = FrozenBatchNorm2d(8)
+    with pytest.raises(ValueError, match="FrozenBatchNorm2d"):
+        resnet_groups(m)
+    m = tiny_basic()
+    m.layer2[0].bn1 = nn.BatchNorm2d(16, affine=False)
+    with pytest.raises(ValueError, match="affine"):
+        resnet_groups(m)
+    with pytest.raises(ValueError, match="no prunable"):
+        resnet_groups(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+
+
+def make(model, sparsity=0.5, delta0=0.3, interval=2, t_max=10, spu=3, **kw):
+    groups = resnet_groups(model, include_downsample=kw.pop("downsample", False))
+    sched = ExplorationSchedule(interval, t_max, sparsity, delta0, steps_per_unit=spu)
+    return ChannelExplorer(model, groups, sched, **kw)
+
+
+def dead_entries_are_zero(ex, optimizer=None):
+    for g in ex.groups:
+        dead = ~ex.masks[g.name]
+        mods = ex._mods
+        tensors = [(mods[g.producer].weight, 0), (mods[g.norm].weight, 0), (mods[g.norm].bias, 0)]
+        tensors += [(mods[c].weight, 1) for c in g.consumers]
+        for p, dim in tensors:
+            sl = p.detach().index_select(dim, dead.nonzero().flatten())
+            if sl.count_nonzero():
+                return False
+            if optimizer is not None and p in optimizer.state:
+                buf = optimizer.state[p]["momentum_buffer"].index_select(dim, dead.nonzero().flatten())
+                if buf.count_nonzero():
+                    return False
+    return True
+
+
+def train_steps(model, ex, opt, n, start=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    events = []
+    for step in range(start + 1, start + n + 1):
+        x = torch.randn(8, 3, 16, 16, generator=g)
+        y = torch.randint(0, 10, (8,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rep = ex.after_step(step, opt)
+        if rep is not None:
+            events.append(rep)
+    return events
+
+
+def test_start_density_and_masks_stay_dead_under_momentum_and_weight_decay(tiny_model):
+    ex = make(tiny_model, sparsity=0.5, delta0=0.2)
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.05, momentum=0.875, weight_decay=3e-5)
+    ex.start(opt)
+    sizes = [g.size for g in ex.groups]
+    assert sum(ex.widths().values()) == sum(s - int(s * 0.3) for s in sizes)
+    events = train_steps(tiny_model, ex, opt, 40)
+    assert len(events) == 5
+    assert dead_entries_are_zero(ex, opt)
+    # after T_max the density is exactly the target (delta = 0 at the last event)
+    total = sum(sizes)
+    assert sum(ex.widths().values()) == total - int(total * 0.5)
+    assert min(ex.widths().values()) >= 1
+
+
+def test_event_budget_follows_schedule(tiny_model):
+    ex = make(tiny_model, sparsity=0.6, delta0=0.3, min_channels=2)
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.05, momentum=0.9)
+    ex.start(opt)
+    events = train_steps(tiny_model, ex, opt, 30)
+    total = sum(g.size for g in ex.groups)
+    for rep in events:
+        delta = ex.schedule.regrow_fraction(rep.step)
+        assert rep.delta == pytest.approx(delta)
+        expected = total - int(total * (0.6 - delta))
+        # the floor can only add channels
+        assert expected <= sum(rep.active.values()) <= expected + 2 * len(ex.groups)
+        assert sum(rep.widths.values()) == sum(rep.active.values())
+        assert all(w >= 2 for w in rep.widths.values())
+        assert rep.n_regrown == sum(rep.active.values()) - sum(rep.keep.values())
+
+
+def test_regrown_channels_get_their_mru_values_bitwise():
+    model = tiny_bottleneck()
+    ex = make(model, sparsity=0.5, delta0=0.4, regrow="random")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ex.start(opt)
+    train_steps(model, ex, opt, 5)
+    snapshot = {name: {k: v.clone() for k, v in e.items()} for name, e in ex.mru.items()}
+    before = {name: m.clone() for name, m in ex.masks.items()}
+    train_steps(model, ex, opt, 1, start=5)          # step 6 is an event
+    assert ex.event_count == 1
+    n_checked = 0
+    for g in ex.groups:
+        regrown = (ex.masks[g.name] & ~before[g.name]).nonzero().flatten()
+        entry = snapshot[g.name]
+        pos = {int(c): i for i, c in enumerate(entry["index"])}
+        norm = ex._mods[g.norm]
+        for c in regrown.tolist():
+            i = pos[c]
+            # norm running statistics and γ/β come back exactly as remembered (γ/β are not trained while pruned)
+            assert torch.equal(norm.running_mean[c], entry["norm.running_mean"][i])
+            assert torch.equal(norm.running_var[c], entry["norm.running_var"][i])
+            assert torch.equal(norm.weight.detach()[c], entry["norm.weight"][i])
+            assert torch.equal(ex._mods[g.producer].weight.detach()[c][ex._mods[g.producer].weight[c] != 0],
+                                entry["producer.weight"][i][ex._mods[g.producer].weight[c] != 0])
+            n_checked += 1
+    assert n_checked > 0
+
+
+def test_pruned_channels_are_remembered_before_zeroing():
+    model = tiny_basic()
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ex = make(model, sparsity=0.5, delta0=0.25)
+    ex.start()
+    for g in ex.groups:
+        e = ex.mru[g.name]
+        assert torch.equal(e["producer.weight"], live[g.producer + ".weight"][e["index"]])
+        assert torch.equal(e["consumer0.weight"], live[g.consumers[0] + ".weight"][:, e["index"]])
+
+
+def test_state_dict_round_trip_and_weights_only(tiny_model):
+    ex = make(tiny_model)
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.05, momentum=0.9)
+    ex.start(opt)
+    train_steps(tiny_model, ex, opt, 12)
+    buf = io.BytesIO()
+    torch.save(ex.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    ex2 = make(tiny_model)
+    ex2.load_state_dict(state)
+    assert all(torch.equal(ex.masks[k], ex2.masks[k]) for k in ex.masks)
+    assert ex2.event_count == ex.event_count and ex2.last_event_step == ex.last_event_step
+    for k, e in ex.mru.items():
+        assert all(torch.equal(v, ex2.mru[k][kk]) for kk, v in e.items())
+
+
+def test_load_state_dict_rejects_another_model():
+    a = make(tiny_basic())
+    a.start()
+    b = make(tiny_bottleneck())
+    with pytest.raises(ValueError, match="does not match"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        b.load_state_dict({"masks": {}})
+
+
+def run(total, stop=None, drop=None, seed=0):
+    """Train ``total`` steps straight, or stop at ``stop``, round-trip everything through bytes, and finish."""
+    model = tiny_bottleneck(seed)
+    ex = make(model, sparsity=0.5, delta0=0.3, seed=7, t_max=6, spu=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.875, weight_decay=1e-4)
+    ex.start(opt)
+    if stop is None:
+        train_steps(model, ex, opt, total)
+        return model, ex
+    train_steps(model, ex, opt, stop)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ex": ex.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    model2 = tiny_bottleneck(seed + 100)           # different init: everything must come from the checkpoint
+    ex2 = make(model2, sparsity=0.5, delta0=0.3, seed=7, t_max=6, spu=2)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.875, weight_decay=1e-4)
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    if drop == "mru":
+        ck["ex"]["mru"] = {k: {"index": torch.zeros(0, dtype=torch.long)} for k in ck["ex"]["mru"]}
+    ex2.load_state_dict(ck["ex"], opt2)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, total + 1):
+        x = torch.randn(8, 3, 16, 16, generator=g)
+        y = torch.randint(0, 10, (8,), generator=g)
+        if step <= stop:
+            continue
+        loss = nn.functional.cross_entropy(model2(x), y)
+        opt2.zero_grad(set_to_none=True)
+        loss.backward()
+        opt2.step()
+        ex2.after_step(step, opt2)
+    return model2, ex2
+
+
+def same_state(a, b):
+    (ma, ea), (mb, eb) = a, b
+    sa, sb = ma.state_dict(), mb.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa) and all(torch.equal(ea.masks[k], eb.masks[k]) for k in ea.masks)
+
+
+@pytest.mark.parametrize("stop", [3, 4, 5, 13])   # just before, at, just after an event; after T_max (step 12)
+def test_resume_equals_straight_run(stop):
+    assert same_state(run(15), run(15, stop=stop))
+
+
+def test_resume_without_mru_differs():
+    # the negative twin: the resume test has teeth
+    assert not same_state(run(15), run(15, stop=5, drop="mru"))
+
+
+def test_same_seed_same_mask_history():
+    a, b = run(15), run(15)
+    assert same_state(a, b)
