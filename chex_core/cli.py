@@ -6,10 +6,12 @@ Only this module of chex_core sees ``argparse``; every task entry point calls :f
 from __future__ import annotations
 
 import argparse
+import logging
 
 from torch import nn
 
 from .allocate import ALLOCATIONS
+from .budget import MacsModel, parse_flops, sparsity_for_macs
 from .css import CRITERIA
 from .explorer import ChannelExplorer
 from .groups import ChannelGroup
@@ -17,6 +19,8 @@ from .regrow import REGROW_METHODS
 from .schedule import ExplorationSchedule
 
 __all__ = ["add_chex_args", "validate_chex_args", "explorer_from_args", "schedule_from_args"]
+
+log = logging.getLogger(__name__)
 
 
 def add_chex_args(parser: argparse.ArgumentParser, *, unit: str = "epochs", defaults: dict | None = None) -> None:
@@ -49,6 +53,14 @@ def add_chex_args(parser: argparse.ArgumentParser, *, unit: str = "epochs", defa
     g.add_argument("--chex-prune-downsample", action="store_true",
                    help="also mask the residual downsample convs, as the official ResNet-50 code does; a compact "
                         "model keeps them full width, so this only changes the zero-aware FLOPs count")
+    g.add_argument("--target-flops", default=None, metavar="FLOPS",
+                   help="budget by FLOPs instead of --channel_sparsity: e.g. 2G, 500M, 2e9, or a fraction of the "
+                        "dense model such as 0.5 (paper convention: multiply-accumulates of one image). The channel "
+                        "sparsity is chosen before training (a feasibility report is printed) and every event's "
+                        "allocation cuts the global ranking where the final model meets the target")
+    g.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="keep every pruned layer's width a multiple of N (8 suits fp16 tensor cores; default 1 = "
+                        "paper fidelity)")
     g.add_argument("--chex-seed", type=int, default=None,
                    help="seed of the exploration RNG, shared by all ranks (default: --seed, or 0)")
 
@@ -66,6 +78,13 @@ def validate_chex_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(f"--T_max ({args.T_max}) must be >= --delta_T ({args.delta_T})")
     if args.chex_min_channels < 1:
         parser.error(f"--chex-min-channels must be >= 1, got {args.chex_min_channels}")
+    if args.round_to < 1:
+        parser.error(f"--round-to must be >= 1, got {args.round_to}")
+    if args.target_flops is not None:
+        try:
+            parse_flops(args.target_flops, 1)
+        except ValueError as e:
+            parser.error(f"--target-flops: {e}")
 
 
 def schedule_from_args(args: argparse.Namespace, steps_per_unit: int) -> ExplorationSchedule:
@@ -74,11 +93,37 @@ def schedule_from_args(args: argparse.Namespace, steps_per_unit: int) -> Explora
 
 
 def explorer_from_args(args: argparse.Namespace, model: nn.Module, groups: list[ChannelGroup],
-                       steps_per_unit: int) -> ChannelExplorer | None:
-    """A ChannelExplorer configured from the flags, or None when ``--grow_prune`` is off."""
+                       steps_per_unit: int, input_size: tuple[int, int, int] = (3, 224, 224),
+                       parser: argparse.ArgumentParser | None = None) -> ChannelExplorer | None:
+    """A ChannelExplorer configured from the flags, or None when ``--grow_prune`` is off.
+
+    With ``--target-flops`` the channel sparsity is derived from the target at ``input_size`` (and written back to
+    ``args.channel_sparsity``); an unreachable target is reported through ``parser.error`` (exit 2) when a parser
+    is given, else as ``ValueError``.
+    """
     if not args.grow_prune:
         return None
+
+    def fail(msg: str):
+        if parser is not None:
+            parser.error(msg)
+        raise ValueError(msg)
+
     seed = args.chex_seed if args.chex_seed is not None else (getattr(args, "seed", None) or 0)
+    target = macs_model = None
+    if args.target_flops is not None:
+        macs_model = MacsModel(model, groups, input_size)
+        try:
+            target = parse_flops(args.target_flops, macs_model.dense())
+            report = sparsity_for_macs(macs_model, target, args.chex_min_channels, args.round_to)
+        except ValueError as e:
+            fail(f"--target-flops: {e}")
+        log.info("%s", report)
+        if args.init_channel_ratio > report.sparsity:
+            fail(f"--init_channel_ratio ({args.init_channel_ratio}) exceeds the channel sparsity "
+                 f"{report.sparsity:.4f} that --target-flops {args.target_flops} implies")
+        args.channel_sparsity = report.sparsity
     return ChannelExplorer(model, groups, schedule_from_args(args, steps_per_unit), criterion=args.chex_criterion,
                            regrow=args.chex_regrow, allocation=args.chex_allocation,
-                           min_channels=args.chex_min_channels, seed=seed)
+                           min_channels=args.chex_min_channels, seed=seed, round_to=args.round_to,
+                           target_macs=target, macs_model=macs_model)

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .allocate import ALLOCATIONS, keep_counts, uniform_keep_counts
+from .budget import MacsModel, keep_counts_for_macs
 from .css import CRITERIA, l1_scores, select_channels
 from .groups import ChannelGroup
 from .regrow import REGROW_METHODS, regrow_channels
@@ -63,11 +64,16 @@ class ChannelExplorer:
         allocation: ``global`` (paper, |γ| ranking) or ``uniform``.
         min_channels: floor on every group's width.
         seed: seed of the exploration RNG; the same on every rank (not the per-rank data seed).
+        round_to: every group's width is rounded up to a multiple of this (tensor-core friendly; 1 = paper).
+        target_macs: if set, each event's final-budget allocation is the global ranking cut that meets this many
+            MACs (measured by ``macs_model``) instead of the channel sparsity S.
+        macs_model: :class:`chex_core.budget.MacsModel` of ``model`` (required with ``target_macs``).
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], schedule: ExplorationSchedule, *,
                  criterion: str = "qr", regrow: str = "importance", allocation: str = "global",
-                 min_channels: int = 1, seed: int = 0) -> None:
+                 min_channels: int = 1, seed: int = 0, round_to: int = 1, target_macs: int | None = None,
+                 macs_model: MacsModel | None = None) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
         if regrow not in REGROW_METHODS:
@@ -78,11 +84,16 @@ class ChannelExplorer:
             raise ValueError(f"min_channels must be >= 1, got {min_channels}")
         if not groups:
             raise ValueError("no channel groups to explore")
+        if round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {round_to}")
+        if target_macs is not None and macs_model is None:
+            raise ValueError("target_macs needs a macs_model")
         self.model = model
         self.groups = list(groups)
         self.schedule = schedule
         self.criterion, self.regrow, self.allocation = criterion, regrow, allocation
         self.min_channels, self.seed = int(min_channels), int(seed)
+        self.round_to, self.target_macs, self.macs_model = int(round_to), target_macs, macs_model
         modules = dict(model.named_modules())
         for g in self.groups:
             for name in (g.producer, g.norm, *g.consumers):
@@ -145,6 +156,12 @@ class ChannelExplorer:
                         if torch.is_tensor(v) and v.shape == p.shape:
                             v.mul_(m)
 
+    def _rounded(self, counts: list[int]) -> list[int]:
+        if self.round_to == 1:
+            return counts
+        r = self.round_to
+        return [min(g.size, -(-c // r) * r) for c, g in zip(counts, self.groups)]
+
     # ------------------------------------------------------------------ reports
     def widths(self) -> dict[str, int]:
         return {name: int(m.sum()) for name, m in self.masks.items()}
@@ -182,7 +199,7 @@ class ChannelExplorer:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63 - 1))
 
     @torch.no_grad()
-    def _sync_masks_and_buffers(self) -> None:
+    def _broadcast_masks(self) -> None:
         """Rank 0 is the authority for masks and norm running stats (ranks see different data)."""
         if not dist_utils.is_dist():
             return
@@ -207,13 +224,14 @@ class ChannelExplorer:
         """Initial sub-model: each group keeps its top-L1 ``1 − (S − δ0)`` share (of the random init)."""
         self._sync_norm_buffers()
         sizes = [g.size for g in self.groups]
-        counts = uniform_keep_counts(sizes, self.schedule.sparsity - self.schedule.delta0, self.min_channels)
+        counts = self._rounded(uniform_keep_counts(sizes, self.schedule.sparsity - self.schedule.delta0,
+                                                   self.min_channels))
         for g, k in zip(self.groups, counts):
             keep = select_channels(self._mods[g.producer].weight, k, "l1")
             mask = torch.zeros(g.size, dtype=torch.bool)
             mask[keep] = True
             self.masks[g.name] = mask
-        self._sync_masks_and_buffers()
+        self._broadcast_masks()
         self._store_mru()
         self._build_cache()
         self.apply_masks(optimizer)
@@ -229,9 +247,14 @@ class ChannelExplorer:
         delta = self.schedule.regrow_fraction(step)
         gammas = [self._mods[g.norm].weight.detach() * self.masks[g.name].to(self._mods[g.norm].weight.device)
                   for g in self.groups]
-        sparsity = self.schedule.sparsity
-        keep = keep_counts(self.allocation, gammas, sparsity, self.min_channels)
-        active = keep_counts(self.allocation, gammas, max(sparsity - delta, 0.0), self.min_channels)
+        if self.target_macs is not None:
+            keep, sparsity = keep_counts_for_macs(self.allocation, gammas, [g.name for g in self.groups],
+                                                  self.macs_model, self.target_macs, self.min_channels,
+                                                  self.round_to)
+        else:
+            sparsity = self.schedule.sparsity
+            keep = self._rounded(keep_counts(self.allocation, gammas, sparsity, self.min_channels))
+        active = self._rounded(keep_counts(self.allocation, gammas, max(sparsity - delta, 0.0), self.min_channels))
         active = [max(a, k) for a, k in zip(active, keep)]
         kept = [select_channels(self._mods[g.producer].weight, k, self.criterion) for g, k in zip(self.groups, keep)]
         self._restore_mru()
@@ -244,7 +267,7 @@ class ChannelExplorer:
             mask[k_idx] = True
             mask[grown] = True
             self.masks[g.name] = mask
-        self._sync_masks_and_buffers()
+        self._broadcast_masks()
         self._store_mru()
         self._build_cache()
         self.apply_masks(optimizer)
@@ -281,7 +304,8 @@ class ChannelExplorer:
             "last_event_step": self.last_event_step,
             "started": self.started,
             "config": {"criterion": self.criterion, "regrow": self.regrow, "allocation": self.allocation,
-                       "min_channels": self.min_channels, "seed": self.seed,
+                       "min_channels": self.min_channels, "seed": self.seed, "round_to": self.round_to,
+                       "target_macs": self.target_macs,
                        "interval": self.schedule.interval, "t_max": self.schedule.t_max,
                        "sparsity": self.schedule.sparsity, "delta0": self.schedule.delta0,
                        "steps_per_unit": self.schedule.steps_per_unit},
