@@ -135,26 +135,39 @@ class ChannelExplorer:
         return ps
 
     def _build_cache(self) -> None:
-        """Pre-shape one float multiplier per masked parameter so the per-step re-application is a few ``mul_``."""
-        self._cache = []
+        """One full-shape multiplier per masked parameter (the product of its output- and input-side masks), so the
+        per-step re-application is a single fused ``_foreach_mul_`` over parameters (and one over optimizer state)."""
+        mult: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for g in self.groups:
             m = self.masks[g.name]
             for p, dim in self._params(g):
                 shape = [1] * p.dim()
                 shape[dim] = -1
-                self._cache.append((p, m.to(device=p.device, dtype=p.dtype).view(shape)))
+                view = m.to(device=p.device, dtype=p.dtype).view(shape)
+                if id(p) in mult:
+                    mult[id(p)] = (p, mult[id(p)][1] * view)
+                else:
+                    mult[id(p)] = (p, view.expand_as(p).clone())
+        self._cache = list(mult.values())
+        self._params_list = [p.data for p, _ in self._cache]
+        self._mult_list = [m for _, m in self._cache]
 
     @torch.no_grad()
     def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero pruned channels in weights, norm γ/β, consumer inputs and (if given) the optimizer's state."""
+        torch._foreach_mul_(self._params_list, self._mult_list)
+        if optimizer is None or not optimizer.state:
+            return
+        states, mults = [], []
         for p, m in self._cache:
-            p.mul_(m)
-            if optimizer is not None:
-                state = optimizer.state.get(p)
-                if state:
-                    for v in state.values():
-                        if torch.is_tensor(v) and v.shape == p.shape:
-                            v.mul_(m)
+            state = optimizer.state.get(p)
+            if state:
+                for v in state.values():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        states.append(v)
+                        mults.append(m)
+        if states:
+            torch._foreach_mul_(states, mults)
 
     def _rounded(self, counts: list[int]) -> list[int]:
         if self.round_to == 1:
