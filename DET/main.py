@@ -246,11 +246,7 @@ def save_training_checkpoint(args, state: dict, epoch: int) -> None:
     """``--save/epoch_{epoch}.pt`` atomically on rank 0, keeping the newest ``--keep-checkpoints``."""
     if not args.save or not dist_utils.is_main_process():
         return
-    save_dir = pathlib.Path(args.save)
-    ckpt_utils.save_checkpoint(state, str(save_dir / f"epoch_{epoch}.pt"))
-    existing = sorted(save_dir.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    for old in existing[:-args.keep_checkpoints]:
-        old.unlink()
+    ckpt_utils.CheckpointManager(args.save, keep=args.keep_checkpoints, name_format="epoch_{n}.pt").save(state, epoch)
 
 
 def export_compact(args, model: SSD300, groups, explorer, label_map: dict) -> None:
@@ -352,8 +348,7 @@ def run_training(args, info, coder: BoxCoder) -> None:
     if info.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    step = TrainStep(optimizer, scaler=scaler, explorer=explorer, lr_scheduler=scheduler)
-    step.step_count = iteration
+    step = TrainStep(optimizer, scaler=scaler, explorer=explorer, lr_scheduler=scheduler, start_step=iteration)
     ctx = {"args": args, "loaders": loaders, "step": step, "device": info.device, "amp": amp, "optimizer": optimizer,
            "ddp_model": ddp_model, "criterion": MultiBoxLoss(), "iters_per_epoch": iters_per_epoch,
            "world_size": info.world_size}

@@ -103,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let --eval-only fully unpickle a trusted release checkpoint that the safe loader rejects")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N val images")
     # SEG recipe: constants hard-coded in upstream engine/trainer.py, as flags here (ΔT, T_max in iterations).
-    chex_cli.add_chex_args(p, unit="iterations", defaults={"channel_sparsity": 0.5, "init_channel_ratio": 0.5,
-                                                           "delta_T": 1000, "T_max": 0})
     # Released SEG variant: SVD leverage scores, random regrowth, the same sparsity in every layer.
     # T_max 0 means 0.75 x --max-iter (upstream's rule).
-    p.set_defaults(chex_criterion="leverage", chex_regrow="random", chex_allocation="uniform")
+    chex_cli.add_chex_args(p, unit="iterations", defaults={"channel_sparsity": 0.5, "init_channel_ratio": 0.5,
+                                                           "delta_T": 1000, "T_max": 0, "chex_criterion": "leverage",
+                                                           "chex_regrow": "random", "chex_allocation": "uniform"})
     return p
 
 
@@ -352,8 +352,8 @@ def train_loop(state: TrainState, loader: DataLoader, manager: CheckpointManager
         device_ids = [device.index] if device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     amp = AmpConfig(enabled=args.amp, device_type=device.type)
-    step = TrainStep(state.optimizer, scaler=state.scaler, explorer=state.explorer, lr_scheduler=state.scheduler)
-    step.step_count = state.iteration
+    step = TrainStep(state.optimizer, scaler=state.scaler, explorer=state.explorer, lr_scheduler=state.scheduler,
+                     start_step=state.iteration)
     writer = TensorBoardWriter(Path(args.output_dir) / "tb", is_main=dist_info.is_main)
     model.train()
     batches = iter(loader)  # draws the loader's base seed first, as the uninterrupted run did at iteration 0

@@ -58,6 +58,9 @@ def save_checkpoint(obj: Mapping[str, Any], path: str, *, all_ranks: bool = Fals
             torch.save(dict(obj), f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; a checkpoint should be as readable as any file
         os.replace(tmp, path)
         _fsync_dir(directory)
     except BaseException:
@@ -113,32 +116,39 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """Rolling checkpoints ``{prefix}_{n:06d}.pth`` in ``directory`` plus ``model_best.pth``.
+    """Rolling checkpoints in ``directory`` (``name_format``, default ``{prefix}_{n:06d}.pth``) plus
+    ``model_best.pth``.
 
     Args:
         directory: output folder.
         keep: how many rolling checkpoints to keep (>= 1).
-        prefix: file name prefix.
+        prefix: file name prefix for the default name format.
         mode: ``max`` or ``min`` for the best metric.
+        name_format: ``str.format`` pattern with one field ``n`` (e.g. ``"epoch_{n}.pt"``, the NVIDIA SSD names).
     """
 
-    def __init__(self, directory: str, keep: int = 3, prefix: str = "checkpoint", mode: str = "max") -> None:
+    def __init__(self, directory: str, keep: int = 3, prefix: str = "checkpoint", mode: str = "max",
+                 name_format: str | None = None) -> None:
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.directory, self.keep, self.prefix, self.mode = directory, keep, prefix, mode
+        self.name_format = name_format or prefix + "_{n:06d}.pth"
         self.best: float | None = None
-        self._pattern = re.compile(re.escape(prefix) + r"_(\d+)\.pth$")
+        head, _, tail = self.name_format.partition("{n")
+        tail = tail.partition("}")[2]
+        self._glob = head + "*" + tail
+        self._pattern = re.compile("^" + re.escape(head) + r"(\d+)" + re.escape(tail) + "$")
 
     @property
     def best_path(self) -> str:
         return os.path.join(self.directory, "model_best.pth")
 
     def path_for(self, n: int) -> str:
-        return os.path.join(self.directory, f"{self.prefix}_{n:06d}.pth")
+        return os.path.join(self.directory, self.name_format.format(n=n))
 
     def list(self) -> list[tuple[int, str]]:
         found = []
-        for p in glob.glob(os.path.join(self.directory, f"{self.prefix}_*.pth")):
+        for p in glob.glob(os.path.join(self.directory, self._glob)):
             m = self._pattern.search(os.path.basename(p))
             if m:
                 found.append((int(m.group(1)), p))

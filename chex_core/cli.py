@@ -14,18 +14,19 @@ from .allocate import ALLOCATIONS
 from .budget import MacsModel, parse_flops, sparsity_for_macs
 from .css import CRITERIA
 from .explorer import ChannelExplorer
-from .groups import ChannelGroup
+from .groups import ChannelGroup, resnet_groups
 from .regrow import REGROW_METHODS
 from .schedule import ExplorationSchedule
 
-__all__ = ["add_chex_args", "validate_chex_args", "explorer_from_args", "schedule_from_args"]
+__all__ = ["add_chex_args", "validate_chex_args", "groups_from_args", "explorer_from_args", "schedule_from_args"]
 
 log = logging.getLogger(__name__)
 
 
 def add_chex_args(parser: argparse.ArgumentParser, *, unit: str = "epochs", defaults: dict | None = None) -> None:
     """Add the CHEX flags. ``unit`` names what ``--delta_T``/``--T_max`` count (epochs or iterations)."""
-    d = {"channel_sparsity": 0.2, "init_channel_ratio": 0.2, "delta_T": 2, "T_max": 250, **(defaults or {})}
+    d = {"channel_sparsity": 0.2, "init_channel_ratio": 0.2, "delta_T": 2, "T_max": 250, "chex_criterion": "qr",
+         "chex_regrow": "importance", "chex_allocation": "global", **(defaults or {})}
     g = parser.add_argument_group("CHEX channel exploration")
     g.add_argument("--grow_prune", action="store_true",
                    help="turn CHEX on: prune and regrow channels during training (default: dense training)")
@@ -40,14 +41,15 @@ def add_chex_args(parser: argparse.ArgumentParser, *, unit: str = "epochs", defa
     g.add_argument("--T_max", type=int, default=d["T_max"],
                    help=f"last {unit[:-1]} at which an event may happen; masks are frozen after it "
                         f"(default {d['T_max']})")
-    g.add_argument("--chex-criterion", choices=CRITERIA, default="qr",
-                   help="intra-layer column-subset-selection criterion: qr = pivoted QR (default), leverage = SVD "
-                        "leverage scores (official CLS code), l1 = filter L1 norm")
-    g.add_argument("--chex-regrow", choices=REGROW_METHODS, default="importance",
-                   help="which pruned channels regrow: importance sampling by projection residual (paper, default) "
-                        "or uniformly at random (released DET/SEG code)")
-    g.add_argument("--chex-allocation", choices=ALLOCATIONS, default="global",
-                   help="channel counts per layer: global |gamma| ranking (paper, default) or uniform")
+    g.add_argument("--chex-criterion", choices=CRITERIA, default=d["chex_criterion"],
+                   help="intra-layer column-subset-selection criterion: qr = pivoted QR, leverage = SVD leverage "
+                        f"scores (official CLS code), l1 = filter L1 norm (default {d['chex_criterion']})")
+    g.add_argument("--chex-regrow", choices=REGROW_METHODS, default=d["chex_regrow"],
+                   help="which pruned channels regrow: importance sampling by projection residual (paper) or "
+                        f"uniformly at random (released DET/SEG code) (default {d['chex_regrow']})")
+    g.add_argument("--chex-allocation", choices=ALLOCATIONS, default=d["chex_allocation"],
+                   help="channel counts per layer: global |gamma| ranking (paper) or uniform (released SEG code) "
+                        f"(default {d['chex_allocation']})")
     g.add_argument("--chex-min-channels", type=int, default=1,
                    help="minimum number of channels every pruned layer keeps (default 1)")
     g.add_argument("--chex-prune-downsample", action="store_true",
@@ -85,6 +87,11 @@ def validate_chex_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             parse_flops(args.target_flops, 1)
         except ValueError as e:
             parser.error(f"--target-flops: {e}")
+
+
+def groups_from_args(args: argparse.Namespace, model: nn.Module) -> list[ChannelGroup]:
+    """The model's channel groups, with the downsample convs when ``--chex-prune-downsample`` is set."""
+    return resnet_groups(model, include_downsample=bool(getattr(args, "chex_prune_downsample", False)))
 
 
 def schedule_from_args(args: argparse.Namespace, steps_per_unit: int) -> ExplorationSchedule:

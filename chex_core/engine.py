@@ -94,11 +94,13 @@ class TrainStep:
         grad_clip: max global grad norm, or None.
         lr_scheduler: stepped once per optimizer step (per-iteration schedules), or None.
         max_consecutive_skips: AMP overflow skips in a row that abort training.
+        start_step: optimizer steps already done (on resume), so the explorer and logs keep counting from there.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None,
                  static_loss_scale: float | None = None, explorer=None, accum_steps: int = 1,
-                 grad_clip: float | None = None, lr_scheduler=None, max_consecutive_skips: int = 50) -> None:
+                 grad_clip: float | None = None, lr_scheduler=None, max_consecutive_skips: int = 50,
+                 start_step: int = 0) -> None:
         if accum_steps < 1:
             raise ValueError("accum_steps must be >= 1")
         self.optimizer, self.scaler, self.explorer = optimizer, scaler, explorer
@@ -106,7 +108,7 @@ class TrainStep:
         self.accum_steps, self.grad_clip, self.lr_scheduler = accum_steps, grad_clip, lr_scheduler
         self.max_consecutive_skips = max_consecutive_skips
         self.micro = 0            # micro-batches since the last optimizer step
-        self.step_count = 0       # optimizer steps attempted (the exploration schedule's clock)
+        self.step_count = int(start_step)   # optimizer steps attempted (the exploration schedule's clock)
         self.skipped_steps = 0
         self._consecutive_skips = 0
 
