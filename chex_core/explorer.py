@@ -152,6 +152,12 @@ class ChannelExplorer:
         self._params_list = [p.data for p, _ in self._cache]
         self._mult_list = [m for _, m in self._cache]
 
+    def release_cache(self) -> None:
+        """Drop the per-step multipliers and the parameter references they hold (compact training rebuilds the
+        model after each event and masks it by other means; the cache would keep the old dense tensors alive).
+        ``apply_masks`` must not be called until the cache is rebuilt (``_build_cache``)."""
+        self._cache, self._params_list, self._mult_list = [], [], []
+
     @torch.no_grad()
     def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero pruned channels in weights, norm γ/β, consumer inputs and (if given) the optimizer's state."""
