@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from chex_core.checkpoint import state_dict_problems
+
 __all__ = ["BACKBONES", "ResNetBackbone", "SSD300", "MultiBoxLoss", "map_upstream_state_dict",
            "load_pretrained_backbone", "load_state_dict_checked", "StateDictMismatch"]
 
@@ -165,20 +167,9 @@ def map_upstream_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, to
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)`` that reports missing/unexpected/mis-shaped keys in one line."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state_dict)) if state_dict[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (checkpoint vs model), e.g. {shapes[0]}")
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:2]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:2]}")
-        raise StateDictMismatch(f"{what} does not fit the model: " + "; ".join(parts)
+    problems = state_dict_problems(model.state_dict(), state_dict, optional=())
+    if problems:
+        raise StateDictMismatch(f"{what} does not fit the model: " + "; ".join(problems)
                                 + " (another --backbone or dataset/number of classes?)")
     model.load_state_dict(state_dict, strict=True)
 

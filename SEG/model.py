@@ -25,7 +25,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
-from chex_core.checkpoint import strip_prefix
+from chex_core.checkpoint import state_dict_problems, strip_prefix
 from chex_core.compact import apply_width_spec, compact_model
 from chex_core.flops import count_macs
 from chex_core.groups import resnet_groups
@@ -275,16 +275,9 @@ def convert_upstream_state_dict(state_dict: dict, model: nn.Module) -> dict[str,
             unmapped.append(key if new is None else f"{key} -> {new}")
             continue
         converted[new] = value
-    missing = [k for k in own if k not in converted and not k.endswith("num_batches_tracked")]
-    shapes = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in converted.items()
-              if tuple(v.shape) != tuple(own[k].shape)]
-    problems = []
+    problems = state_dict_problems(own, converted)
     if unmapped:
-        problems.append(f"{len(unmapped)} unmapped checkpoint keys: {', '.join(unmapped[:10])}")
-    if missing:
-        problems.append(f"{len(missing)} model keys missing from the checkpoint: {', '.join(missing[:10])}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {', '.join(shapes[:10])}")
+        problems.insert(0, f"{len(unmapped)} unmapped checkpoint keys: {', '.join(unmapped[:10])}")
     if problems:
         raise CheckpointMismatchError(
             "upstream checkpoint does not fit this model (build it with the upstream layout: --norm gn "

@@ -21,6 +21,7 @@ import torch
 from .distributed import is_main_process
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "CheckpointManager", "strip_prefix",
+           "state_dict_problems",
            "capture_rng_state", "restore_rng_state"]
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,25 @@ def strip_prefix(state_dict: Mapping[str, Any], prefixes: Iterable[str] = ("modu
                     k, changed = k[len(p):], True
         out[k] = v
     return out
+
+
+def state_dict_problems(own: Mapping[str, Any], theirs: Mapping[str, Any], *,
+                        optional: tuple[str, ...] = ("num_batches_tracked",)) -> list[str]:
+    """Why ``theirs`` would not load strictly into a model whose state dict is ``own``: one phrase per kind of
+    mismatch (shapes, missing, unexpected keys, with examples), empty if it fits. Keys ending in one of ``optional``
+    may be missing."""
+    missing = sorted(k for k in own if k not in theirs and not k.endswith(optional))
+    unexpected = sorted(k for k in theirs if k not in own)
+    shapes = [f"{k}: {tuple(theirs[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(theirs)) if tuple(theirs[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (checkpoint vs model), e.g. {', '.join(shapes[:2])}")
+    if missing:
+        problems.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
+    return problems
 
 
 def capture_rng_state() -> dict:
