@@ -22,6 +22,7 @@ TensorBoard events under ``tb/``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from chex_core.checkpoint import (CheckpointError, CheckpointManager, capture_rn
                                   restore_rng_state, save_checkpoint, strip_prefix)
 from chex_core.cli import add_chex_args, explorer_from_args, validate_chex_args  # noqa: E402
 from chex_core.engine import AmpConfig, NonFiniteLossError, TrainStep  # noqa: E402
+from chex_core.physical import MODES as COMPACT_MODES, PhysicalTraining, ddp_wrapper  # noqa: E402
 from chex_tasks.progress import TensorBoardWriter, args_to_dict, progress, progress_enabled, save_args  # noqa: E402
 from CLS import data as cls_data  # noqa: E402
 from CLS import model as cls_model  # noqa: E402
@@ -156,12 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by torch.distributed.launch; the LOCAL_RANK environment variable is used")
     add_chex_args(p, unit="epochs")
+    g = p.add_argument_group("compact training")
+    g.add_argument("--compact-training", action="store_true",
+                   help="train physically small: the model holds only the active channels (pruned ones live in the "
+                        "explorer's MRU store) and is rebuilt at every exploration event; same trajectory as masked "
+                        "training, less compute per step. Needs --grow_prune")
+    g.add_argument("--compact-training-mode", default="explore", choices=COMPACT_MODES,
+                   help="explore: compact from the start, rebuilt at every event; frozen: masked until T_max, "
+                        "then compact once (one shape change) (default explore)")
     return p
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad values with one line naming the flag (exit 2), before any process group or file is touched."""
     validate_chex_args(parser, args)
+    if args.compact_training and not args.grow_prune:
+        parser.error("--compact-training needs --grow_prune (there are no pruned channels to remove)")
     args.data_backend = cls_data.BACKEND_ALIASES.get(args.data_backend, args.data_backend)
     for flag, value, low in (("--epochs", args.epochs, 1), ("-b/--batch-size", args.batch_size, 1),
                              ("-j/--workers", args.workers, 0), ("--max-bad-images", args.max_bad_images, 0),
@@ -345,6 +357,9 @@ def load_resume(args: argparse.Namespace, manager: CheckpointManager) -> dict | 
         raise UserError(f"--resume {path} was saved for {arch}, not --arch {args.arch}")
     if args.grow_prune and ckpt.get("explorer") is None:
         raise UserError(f"--resume {path} has no explorer state but --grow_prune is on")
+    if args.compact_training != bool(ckpt.get("physical")):
+        raise UserError(f"--resume {path} was written {'with' if ckpt.get('physical') else 'without'} "
+                        "--compact-training; resume it the same way")
     log.info("resuming from %s (epoch %d done)", path, ckpt["epoch"])
     ckpt["_path"] = path
     return ckpt
@@ -443,6 +458,8 @@ class Job:
     dense_macs: int = 0
     tb: TensorBoardWriter | None = None
     raport: Raport | None = None
+    phys: PhysicalTraining | None = None      # --compact-training
+    ctx: training.TrainContext | None = None  # the running loop's context (its model is swapped on rebuilds)
 
     @property
     def workspace(self) -> Path:
@@ -476,12 +493,23 @@ def prepare_training(args, model, loaders, amp, info, accumulation, bar) -> Job:
                         accum_steps=accumulation, lr_scheduler=scheduler)
     job = Job(args, info, loaders, amp, bar, model, model, optimizer, scheduler, scaler, groups, explorer, trainer,
               CheckpointManager(str(args.workspace), keep=args.keep_checkpoints), steps_per_epoch)
+    if args.compact_training:
+        ddp_ids = [info.device.index] if info.device.type == "cuda" else None
+        job.phys = PhysicalTraining(model, explorer, optimizer, mode=args.compact_training_mode,
+                                    lr_scheduler=scheduler, trainer=trainer,
+                                    wrap=ddp_wrapper(device_ids=ddp_ids) if info.distributed else None,
+                                    on_rebuild=lambda phys: _follow_rebuild(job, phys))
+        trainer.explorer = job.phys      # TrainStep calls phys.after_step(step, optimizer) after every step
     ckpt = load_resume(args, job.manager)
     if ckpt is not None:
         restore(job, ckpt)
     elif explorer is not None:
         explorer.start(optimizer)
-    if info.distributed:
+        if job.phys is not None:
+            job.phys.start()
+    if job.phys is not None:
+        _follow_rebuild(job, job.phys)   # DDP-wrapped by PhysicalTraining when distributed
+    elif info.distributed:
         job.model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     job.end_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, job.start_epoch + args.run_epochs)
@@ -495,6 +523,14 @@ def prepare_training(args, model, loaders, amp, info, accumulation, bar) -> Job:
              "epochs %d..%d, device %s", args.arch, args.data_backend, info.world_size, args.batch_size,
              accumulation, steps_per_epoch, job.start_epoch, args.epochs - 1, info.device)
     return job
+
+
+def _follow_rebuild(job: Job, phys: PhysicalTraining) -> None:
+    """Compact training replaced the model's layers, the optimizer and (under DDP) the wrapper: point the job and
+    the running loop at the new ones (the scheduler and TrainStep were re-pointed by PhysicalTraining)."""
+    job.model, job.optimizer = phys.train_model, phys.optimizer
+    if job.ctx is not None:
+        job.ctx.model = phys.train_model
 
 
 def log_event(job: Job, report) -> None:
@@ -517,6 +553,7 @@ def train_epochs(job: Job) -> dict:
         amp=job.amp, device=job.info.device, steps_per_epoch=job.steps_per_epoch,
         num_classes=job.loaders.num_classes, mixup=args.mixup, label_smoothing=args.label_smoothing,
         print_freq=args.print_freq, on_event=lambda report: log_event(job, report))
+    job.ctx = ctx
     val = {"top1": float("nan"), "top5": float("nan"), "loss": float("nan")}
     with _redirect_logging_for_bar(args.progress if args.progress is not None else progress_enabled(job.info.is_main)):
         for epoch in range(job.start_epoch, job.end_epoch):
@@ -584,18 +621,24 @@ def checkpoint_state(job: Job, epoch: int) -> dict:
             "scaler": job.scaler.state_dict(), "trainer": job.trainer.state_dict(),
             "explorer": job.explorer.state_dict() if job.explorer is not None else None,
             "num_classes": args.num_classes, "cifar_stem": args.cifar_stem, "image_size": args.image_size,
-            "args": args_to_dict(args), "rng": rng, "raport": job.raport.data if job.raport else None}
+            "args": args_to_dict(args), "rng": rng, "raport": job.raport.data if job.raport else None,
+            "physical": job.phys.state_dict() if job.phys is not None else None}
 
 
 def restore(job: Job, ckpt: dict) -> None:
     """Load a training checkpoint into the (unwrapped) model and the training state; sets ``job.start_epoch``
     and ``job.best_prec1``."""
     try:
-        cls_model.load_weights(job.net, strip_prefix(ckpt["state_dict"]), source=ckpt["_path"],
-                               arch=str(ckpt.get("arch")))
-        job.optimizer.load_state_dict(ckpt["optimizer"])
-        if job.explorer is not None:
-            job.explorer.load_state_dict(ckpt["explorer"], job.optimizer)
+        if job.phys is not None:   # narrow the dense model to the checkpoint's widths, then load
+            job.phys.load_state_dict(ckpt["physical"], explorer_state=ckpt["explorer"],
+                                     model_state=strip_prefix(ckpt["state_dict"]), optimizer_state=ckpt["optimizer"])
+            job.optimizer = job.phys.optimizer
+        else:
+            cls_model.load_weights(job.net, strip_prefix(ckpt["state_dict"]), source=ckpt["_path"],
+                                   arch=str(ckpt.get("arch")))
+            job.optimizer.load_state_dict(ckpt["optimizer"])
+            if job.explorer is not None:
+                job.explorer.load_state_dict(ckpt["explorer"], job.optimizer)
     except (cls_model.WeightsError, ValueError, KeyError) as exc:
         raise UserError(f"--resume {ckpt['_path']}: {str(exc).splitlines()[0]}") from None
     for key, obj in (("scheduler", job.scheduler), ("scaler", job.scaler), ("trainer", job.trainer)):
@@ -614,8 +657,11 @@ def finish(job: Job, val: dict) -> dict:
     """Export the compact model (``compact.pth``: ``state_dict``, ``cfg`` width spec, ``arch``, ``num_classes``,
     ``cifar_stem``, ``image_size``), evaluate it, and print dense vs compact FLOPs, params and accuracy."""
     args, net, loaders, device = job.args, job.net, job.loaders, job.info.device
-    masks = job.explorer.masks if job.explorer is not None else cls_model.masks_from_zeros(net, job.groups)
-    small, spec = compact_model(net, job.groups, masks)
+    if job.phys is not None and job.phys.compact:
+        small, spec = copy.deepcopy(net), job.phys.width_spec()     # trained compact already
+    else:
+        masks = job.explorer.masks if job.explorer is not None else cls_model.masks_from_zeros(net, job.groups)
+        small, spec = compact_model(net, job.groups, masks)
     small = small.to(device)
     if args.training_only:
         val = evaluate_synced(net, loaders.val, device, job.amp, job.bar)

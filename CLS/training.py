@@ -135,8 +135,8 @@ def train_one_epoch(ctx: TrainContext, loader, epoch: int, progress: Callable = 
     """Train one epoch = exactly ``ctx.steps_per_epoch`` optimizer steps of ``trainer.accum_steps`` micro-batches
     each (a trailing partial window is dropped, so epoch boundaries and exploration events stay aligned on every
     rank). Returns ``{'loss', 'images_per_s', 'lr', 'time_s'}`` with the loss averaged over ranks and batches."""
-    model, trainer = ctx.model, ctx.trainer
-    model.train()
+    trainer = ctx.trainer
+    ctx.model.train()
     n_micro = ctx.steps_per_epoch * trainer.accum_steps
     loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
     batches = itertools.islice(loader, n_micro)
@@ -146,9 +146,10 @@ def train_one_epoch(ctx: TrainContext, loader, epoch: int, progress: Callable = 
         target = labels
         if ctx.mixup > 0:
             images, target = mixup_batch(images, labels, ctx.mixup, ctx.num_classes, ctx.label_smoothing)
-        with sync_context(model, trainer.is_last_micro()):
+        # ctx.model, not a local: compact training swaps in a rebuilt (re-wrapped) model at exploration events
+        with sync_context(ctx.model, trainer.is_last_micro()):
             with ctx.amp.autocast():
-                logits = model(images)
+                logits = ctx.model(images)
             result = trainer({"loss": ctx.criterion(logits, target)})
         loss_sum += result.losses["loss"]
         seen += images.size(0)
