@@ -189,11 +189,26 @@ class CheckpointManager:
         path = save_checkpoint(state, self.path_for(n))
         if self._is_better(metric):
             self.best = float(metric)
-            save_checkpoint(state, self.best_path)
+            self._publish_best(path, state)
         for _, old in self.list()[:-self.keep]:
             os.unlink(old)
         self.clean_temp()
         return path
+
+    def _publish_best(self, path: str, state: Mapping[str, Any]) -> None:
+        """``model_best.pth`` = the file just written: a hard link swapped in atomically (no second serialisation
+        of weights, momentum and MRU store); a plain atomic save where links are not supported."""
+        tmp = os.path.join(self.directory, f"{TMP_PREFIX}model_best.{os.getpid()}")
+        try:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.link(path, tmp)
+            os.replace(tmp, self.best_path)
+            _fsync_dir(self.directory)
+        except OSError:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            save_checkpoint(state, self.best_path)
 
     def clean_temp(self) -> None:
         """Remove temp files a crash mid-save may have left behind."""

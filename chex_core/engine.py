@@ -111,6 +111,7 @@ class TrainStep:
         self.step_count = int(start_step)   # optimizer steps attempted (the exploration schedule's clock)
         self.skipped_steps = 0
         self._consecutive_skips = 0
+        self._acc: dict[str, torch.Tensor] = {}   # detached losses of the current accumulation window
 
     def is_last_micro(self) -> bool:
         """True if the next micro-batch completes an optimizer step (use with :func:`sync_context`)."""
@@ -128,27 +129,35 @@ class TrainStep:
         if torch.is_tensor(losses):
             losses = {"loss": losses}
         total = sum(losses.values())
-        reduced = {k: float(all_reduce_mean(v.detach().float())) for k, v in losses.items()}
-        loss_sum = sum(reduced.values())
-        if not math.isfinite(loss_sum):
+        for k, v in losses.items():
+            self._acc[k] = self._acc.get(k, 0.0) + v.detach().float()
+        scaled = total / self.accum_steps
+        if self.micro + 1 < self.accum_steps:
+            # not the last micro-batch: no collective here (DDP is inside no_sync); the check runs on the step
+            self._backward(scaled)
+            self.micro += 1
+            return StepResult({k: float(v.detach()) for k, v in losses.items()}, stepped=False, skipped=False)
+        # one all-reduce per optimizer step, of the losses averaged over its micro-batches
+        reduced = {k: float(all_reduce_mean(v / self.accum_steps)) for k, v in self._acc.items()}
+        self._acc = {}
+        self.micro = 0
+        if not math.isfinite(sum(reduced.values())):
             # every rank sees the same reduced value, so every rank raises at the same step: no hang
             raise NonFiniteLossError(f"non-finite training loss at optimizer step {self.step_count + 1}: "
                                      f"{reduced} (world: {'distributed' if is_dist() else 'single process'})")
-        scaled = total / self.accum_steps
-        if self.scaler is not None and self.scaler.is_enabled():
-            self.scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
-        self.micro += 1
-        if self.micro < self.accum_steps:
-            return StepResult(reduced, stepped=False, skipped=False)
-        self.micro = 0
+        self._backward(scaled)
         skipped = self._optimizer_step()
         self.step_count += 1
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         event = self.explorer.after_step(self.step_count, self.optimizer) if self.explorer is not None else None
         return StepResult(reduced, stepped=True, skipped=skipped, event=event)
+
+    def _backward(self, scaled: torch.Tensor) -> None:
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
 
     def _optimizer_step(self) -> bool:
         scaler_on = self.scaler is not None and self.scaler.is_enabled()
