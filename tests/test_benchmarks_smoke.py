@@ -1,0 +1,121 @@
+"""Smoke tests of the evidence scripts (benchmarks/compact_speed.py, benchmarks/accuracy_study.py) in --quick mode.
+
+They run the real code paths end to end on tiny settings and check the invariants the published tables rely on:
+every pruned model lands on its FLOPs budget, compact models compute what the masked ones do, every method and seed
+is reported, and bad flags exit with code 2.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import accuracy_study, compact_speed
+from benchmarks._common import WidthMacs, bisect_sparsity, retarget_explorer, uniform_widths
+from chex_core import ChannelExplorer, ExplorationSchedule, count_macs, resnet_groups
+
+
+@pytest.fixture
+def one_thread():
+    """The scripts set torch's thread count; give the rest of the session its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_retarget_explorer_lands_on_budget():
+    torch.manual_seed(0)
+    model = accuracy_study.CifarResNet(1, (8, 16, 16))
+    groups = resnet_groups(model)
+    size = (1, 8, 8)
+    macs_of = WidthMacs(model, groups, size)
+    target = 0.6 * macs_of.dense
+    s0, m0 = bisect_sparsity(lambda s: uniform_widths(groups, s), macs_of, target)
+    assert 0 < s0 < 1 and m0 == macs_of(uniform_widths(groups, s0))
+    ex = ChannelExplorer(model, groups, ExplorationSchedule(1, 2, s0, s0 / 2, steps_per_unit=1))
+    ex.start()
+    with torch.no_grad():                        # uneven γ so the global allocation is not uniform
+        for g in groups:
+            model.get_submodule(g.norm).weight.uniform_(0.1, 2.0)
+    s = retarget_explorer(ex, macs_of, target)
+    assert ex.schedule.sparsity == s and s >= ex.schedule.delta0
+    ex.explore(2)                                # last event (δ = 0): the widths the budget was set for
+    assert abs(count_macs(model, size) / target - 1) < 0.05
+    assert count_macs(model, size) == macs_of(list(ex.widths().values()))
+
+
+def test_accuracy_study_quick(tmp_path, one_thread):
+    out = accuracy_study.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-plot"])
+    runs, rows = out["runs"], out["summary"]
+    methods = set(accuracy_study.BASELINES + accuracy_study.ABLATIONS)
+    assert {r["method"] for r in rows} == methods
+    assert len(runs) == 2 * len(methods) and all(r["n"] == 2 for r in rows)
+    for r in runs:
+        assert 0.0 <= r["val_top1"] <= 100.0
+        if r["method"] == "dense":
+            assert r["macs"] == r["dense_macs"]
+        elif r["method"].startswith("chex"):
+            # the explorer's final masked model, its compact copy and the budget agree
+            assert r["masked_macs"] == r["macs"]
+            assert abs(r["macs_error"]) < 0.05, r
+            assert r["events"] >= 1
+        else:
+            assert abs(r["macs_error"]) < 0.15, r    # 8-channel toy layers: one channel is a big FLOPs step
+    md = (tmp_path / "accuracy_study_quick.md").read_text()
+    assert "| chex |" in md and "CHEX" in md
+    saved = json.loads((tmp_path / "accuracy_study_quick.json").read_text())
+    assert len(saved["runs"]) == len(runs)
+    assert (tmp_path / "accuracy_study_quick.csv").exists()
+    # the reports can be rebuilt from the saved runs alone, identically
+    (tmp_path / "accuracy_study_quick.md").unlink()
+    again = accuracy_study.main(["--from-json", str(tmp_path / "accuracy_study_quick.json"), "--no-plot"])
+    assert (tmp_path / "accuracy_study_quick.md").read_text() == md and again["summary"] == rows
+
+
+def test_accuracy_study_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"method": m, "reduction": red, "macs_mean": 1e6 * (1 - red), "top1_mean": 90.0 + red, "top1_std": 0.5}
+            for m in accuracy_study.BASELINES + accuracy_study.ABLATIONS for red in (0.3, 0.5)]
+    path = tmp_path / "p.png"
+    assert accuracy_study.plot(rows, path, "t") and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compact_speed_quick(tmp_path, one_thread):
+    out = compact_speed.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    rows = {r["model"]: r for r in out["rows"]}
+    assert set(rows) == {"dense", "chex-1.2G", "chex-0.8G"}
+    for name, budget in (("chex-1.2G", 1.2e9), ("chex-0.8G", 0.8e9)):
+        r = rows[name]
+        assert abs(r["macs"] / budget - 1) < 0.02 and r["macs"] == r["compact_macs"]
+        assert r["compact_vs_masked_rel_err"] < 1e-4
+        assert r["flops_ratio"] == pytest.approx(rows["dense"]["macs"] / r["macs"])
+        assert r["params"] < rows["dense"]["params"]
+    assert rows["chex-0.8G"]["macs"] < rows["chex-1.2G"]["macs"]
+    for r in rows.values():
+        assert set(r["speedup"]) == {"fp32_b1", "fp32-cl_b1", "fp32_b4", "fp32-cl_b4"}
+        assert all(v > 0 for v in r["speedup"].values())
+    assert all(v == 1.0 for v in rows["dense"]["speedup"].values())
+    assert (tmp_path / "compact_speed_resnet18_cpu_quick.md").read_text().count("| chex-") == 2
+    # re-time the same widths with the load-independent CPU clock, without a new mask run
+    again = compact_speed.main(["--quick", "--device", "cpu", "--clock", "cpu", "--out", str(tmp_path),
+                                "--widths-from", str(tmp_path / "compact_speed_resnet18_cpu_quick.json")])
+    assert torch.get_num_threads() == 1
+    for r in again["rows"]:
+        assert r["macs"] == rows[r["model"]]["macs"] and r.get("width_spec") == rows[r["model"]].get("width_spec")
+    assert (tmp_path / "compact_speed_resnet18_cpu_cputime_quick.json").exists()
+
+
+@pytest.mark.parametrize("script,argv", [
+    (accuracy_study, ["--reductions", "1.5"]),
+    (accuracy_study, ["--epochs", "1"]),
+    (accuracy_study, ["--from-json", "/nonexistent/sweep.json"]),
+    (compact_speed, ["--arch", "resnet18", "--budgets", "5"]),
+    (compact_speed, ["--batch", "0"]),
+    (compact_speed, ["--widths-from", "/nonexistent/speed.json"]),
+])
+def test_bad_flags_exit_2(script, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(argv)
+    assert e.value.code == 2
+    assert "--" in capsys.readouterr().err.splitlines()[-1]
