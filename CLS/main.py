@@ -48,7 +48,7 @@ from chex_core.checkpoint import (CheckpointError, CheckpointManager, capture_rn
                                   restore_rng_state, save_checkpoint, strip_prefix)
 from chex_core.cli import add_chex_args, explorer_from_args, validate_chex_args  # noqa: E402
 from chex_core.engine import AmpConfig, NonFiniteLossError, TrainStep  # noqa: E402
-from chex_core.physical import MODES as COMPACT_MODES, PhysicalTraining, ddp_wrapper  # noqa: E402
+from chex_core.physical import PhysicalTraining, ddp_wrapper  # noqa: E402
 from chex_tasks.progress import TensorBoardWriter, args_to_dict, progress, progress_enabled, save_args  # noqa: E402
 from CLS import data as cls_data  # noqa: E402
 from CLS import model as cls_model  # noqa: E402
@@ -158,22 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by torch.distributed.launch; the LOCAL_RANK environment variable is used")
     add_chex_args(p, unit="epochs")
-    g = p.add_argument_group("compact training")
-    g.add_argument("--compact-training", action="store_true",
-                   help="train physically small: the model holds only the active channels (pruned ones live in the "
-                        "explorer's MRU store) and is rebuilt at every exploration event; same trajectory as masked "
-                        "training, less compute per step. Needs --grow_prune")
-    g.add_argument("--compact-training-mode", default="explore", choices=COMPACT_MODES,
-                   help="explore: compact from the start, rebuilt at every event; frozen: masked until T_max, "
-                        "then compact once (one shape change) (default explore)")
     return p
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad values with one line naming the flag (exit 2), before any process group or file is touched."""
     validate_chex_args(parser, args)
-    if args.compact_training and not args.grow_prune:
-        parser.error("--compact-training needs --grow_prune (there are no pruned channels to remove)")
     args.data_backend = cls_data.BACKEND_ALIASES.get(args.data_backend, args.data_backend)
     for flag, value, low in (("--epochs", args.epochs, 1), ("-b/--batch-size", args.batch_size, 1),
                              ("-j/--workers", args.workers, 0), ("--max-bad-images", args.max_bad_images, 0),

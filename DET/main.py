@@ -34,6 +34,7 @@ from chex_core import checkpoint as ckpt_utils
 from chex_core import cli as chex_cli
 from chex_core import distributed as dist_utils
 from chex_core.engine import AmpConfig, NonFiniteLossError, TrainStep
+from chex_core.physical import PhysicalTraining, ddp_wrapper
 from chex_tasks.coco import format_metrics
 from DET.box_coder import BoxCoder, dboxes300_coco
 from DET.data import DataError, build_loaders
@@ -249,12 +250,15 @@ def save_training_checkpoint(args, state: dict, epoch: int) -> None:
     ckpt_utils.CheckpointManager(args.save, keep=args.keep_checkpoints, name_format="epoch_{n}.pt").save(state, epoch)
 
 
-def export_compact(args, model: SSD300, groups, explorer, label_map: dict) -> None:
+def export_compact(args, model: SSD300, groups, explorer, label_map: dict, phys=None) -> None:
     """After CHEX training: physically remove pruned backbone channels and save ``--save/model_compact.pt``,
     loadable with ``--mode evaluation --checkpoint``."""
     if explorer is None or not args.save or not dist_utils.is_main_process():
         return
-    small_backbone, spec = compact_model(model.backbone, groups, explorer.masks)
+    if phys is not None and phys.compact:      # trained compact already (--compact-training)
+        small_backbone, spec = copy.deepcopy(model.backbone), phys.width_spec()
+    else:
+        small_backbone, spec = compact_model(model.backbone, groups, explorer.masks)
     compact = copy.deepcopy(model).cpu()
     compact.backbone = small_backbone.cpu()
     path = pathlib.Path(args.save) / "model_compact.pt"
@@ -265,13 +269,27 @@ def export_compact(args, model: SSD300, groups, explorer, label_map: dict) -> No
     logger.info("compact model written to %s (backbone params %.2fM -> %.2fM)", path, n_dense / 1e6, n_small / 1e6)
 
 
-def resume(args, ckpt: dict | None, optimizer, scheduler, scaler, explorer) -> tuple[int, int]:
+def resume(args, ckpt: dict | None, optimizer, scheduler, scaler, explorer, phys=None) -> tuple[int, int]:
     """Restore optimizer/scheduler/scaler/explorer from a training checkpoint; returns ``(start_epoch, iteration)``.
 
     A checkpoint without optimizer state (e.g. a released upstream model) only initialises the weights. Without
-    explorer state a CHEX run starts exploring from the loaded weights.
+    explorer state a CHEX run starts exploring from the loaded weights. With ``--compact-training`` (``phys``) a
+    compact checkpoint narrows the freshly built model first and loads model, optimizer and explorer through it.
     """
     start_epoch = iteration = 0
+    physical = ckpt.get("physical") if ckpt is not None else None
+    if physical and phys is None:
+        raise StateDictMismatch(f"{args.checkpoint} was written with --compact-training; resume it the same way")
+    if phys is not None and physical:
+        try:
+            phys.load_state_dict(physical, explorer_state=ckpt["explorer"], model_state=ckpt["model"],
+                                 optimizer_state=ckpt["optimizer"])
+        except (ValueError, RuntimeError) as exc:
+            raise StateDictMismatch(f"{args.checkpoint}: {exc}") from exc
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        return int(ckpt.get("epoch", 0)), int(ckpt.get("iteration", 0))
     # only our own checkpoints (they carry "args") resume optimizer/schedule; upstream ones initialise weights
     if ckpt is not None and "optimizer" in ckpt and "args" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -291,6 +309,8 @@ def resume(args, ckpt: dict | None, optimizer, scheduler, scaler, explorer) -> t
                 raise StateDictMismatch(f"{args.checkpoint}: {exc}") from exc
         else:
             explorer.start(optimizer)
+            if phys is not None:
+                phys.start()
     elif ckpt is not None and ckpt.get("explorer"):
         logger.warning("%s holds CHEX explorer state but --grow_prune is off: its masks are not enforced",
                        args.checkpoint)
@@ -300,7 +320,7 @@ def resume(args, ckpt: dict | None, optimizer, scheduler, scaler, explorer) -> t
 def train_one_epoch(ctx: dict, epoch: int) -> None:
     """One (possibly --max-iters-per-epoch shortened) pass over the training loader."""
     args, loaders, step = ctx["args"], ctx["loaders"], ctx["step"]
-    device, amp, ddp_model, criterion = ctx["device"], ctx["amp"], ctx["ddp_model"], ctx["criterion"]
+    device, amp, criterion = ctx["device"], ctx["amp"], ctx["criterion"]
     if loaders.train_sampler is not None:
         loaders.train_sampler.set_epoch(epoch)
     tic, seen = time.perf_counter(), 0
@@ -309,7 +329,7 @@ def train_one_epoch(ctx: dict, epoch: int) -> None:
             break
         images = images.to(device, non_blocking=True)
         with amp.autocast():
-            locs, confs = ddp_model(images)
+            locs, confs = ctx["ddp_model"](images)   # re-read: --compact-training swaps the model at events
         losses = criterion(locs, confs, offsets.to(device), labels.to(device))
         result = step(losses)
         seen += images.shape[0] * ctx["world_size"]
@@ -330,7 +350,9 @@ def run_training(args, info, coder: BoxCoder) -> None:
                             seed=args.seed)
     label_map = loaders.train_set.label_map
     ckpt, state = read_model_checkpoint(args.checkpoint, args.backbone) if args.checkpoint else (None, None)
-    model = build_model(args, len(label_map) + 1, state, ckpt, args.checkpoint or "").to(info.device)
+    compact_resume = bool(ckpt is not None and ckpt.get("physical"))   # its weights load through PhysicalTraining
+    model = build_model(args, len(label_map) + 1, None if compact_resume else state, ckpt,
+                        args.checkpoint or "").to(info.device)
     iters_per_epoch = min(len(loaders.train), args.max_iters_per_epoch or len(loaders.train))
     groups = resnet_groups(model.backbone, include_downsample=args.chex_prune_downsample)
     explorer = chex_cli.explorer_from_args(args, model.backbone, groups, steps_per_unit=iters_per_epoch)
@@ -340,24 +362,42 @@ def run_training(args, info, coder: BoxCoder) -> None:
         optimizer, lambda it: lr_factor(it, iters_per_epoch, args.warmup, args.multistep))
     amp = AmpConfig(enabled=args.amp, device_type=info.device.type)
     scaler = amp.make_scaler()
-    start_epoch, iteration = resume(args, ckpt, optimizer, scheduler, scaler, explorer)
+    phys = None
+    if args.compact_training:
+        ctx: dict = {}
+
+        def follow(p: PhysicalTraining) -> None:       # the loop and the checkpoint read the current objects
+            ctx.update(ddp_model=p.train_model, optimizer=p.optimizer)
+
+        phys = PhysicalTraining(model.backbone, explorer, optimizer, mode=args.compact_training_mode,
+                                lr_scheduler=scheduler, root=model, on_rebuild=follow,
+                                wrap=ddp_wrapper(device_ids=[info.device.index] if info.device.type == "cuda"
+                                                 else None) if info.distributed else None)
+    start_epoch, iteration = resume(args, ckpt, optimizer, scheduler, scaler, explorer, phys)
     logger.info("training %s-SSD300: %d classes, %d images, %d iterations/epoch, world %d, lr %.4g, amp %s, CHEX %s",
                 args.backbone, len(label_map), len(loaders.train_set), iters_per_epoch, info.world_size, lr,
                 amp.autocast_dtype if args.amp else "off", "on" if explorer else "off")
     ddp_model = model
-    if info.distributed:
+    if phys is not None:
+        ddp_model, optimizer = phys.train_model, phys.optimizer     # DDP-wrapped by PhysicalTraining when distributed
+    elif info.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    step = TrainStep(optimizer, scaler=scaler, explorer=explorer, lr_scheduler=scheduler, start_step=iteration)
-    ctx = {"args": args, "loaders": loaders, "step": step, "device": info.device, "amp": amp, "optimizer": optimizer,
-           "ddp_model": ddp_model, "criterion": MultiBoxLoss(), "iters_per_epoch": iters_per_epoch,
-           "world_size": info.world_size}
+    step = TrainStep(optimizer, scaler=scaler, explorer=phys or explorer, lr_scheduler=scheduler,
+                     start_step=iteration)
+    if phys is not None:
+        phys.trainer = step
+    ctx = ctx if phys is not None else {}
+    ctx.update({"args": args, "loaders": loaders, "step": step, "device": info.device, "amp": amp,
+                "optimizer": optimizer, "ddp_model": ddp_model, "criterion": MultiBoxLoss(),
+                "iters_per_epoch": iters_per_epoch, "world_size": info.world_size})
     eval_epochs = set(args.eval_on_epochs) if args.eval_on_epochs is not None else {args.epochs - 1}
     inverse = {label: cat for cat, label in label_map.items()}
     for epoch in range(start_epoch, args.epochs):
         train_one_epoch(ctx, epoch)
         save_training_checkpoint(args, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": model.state_dict(), "optimizer": ctx["optimizer"].state_dict(),
+            "scheduler": scheduler.state_dict(), "physical": phys.state_dict() if phys is not None else None,
             "scaler": scaler.state_dict(), "epoch": epoch + 1, "iteration": step.step_count,
             "label_map": dict(label_map), "explorer": explorer.state_dict() if explorer else {},
             "backbone": args.backbone, "args": dict(vars(args))}, epoch)
@@ -365,7 +405,7 @@ def run_training(args, info, coder: BoxCoder) -> None:
             metrics = evaluate(model, loaders.val, coder, inverse, info.device,
                                amp.autocast_dtype if args.amp else None)
             log_evaluation(model, args, metrics, f"epoch {epoch} COCO bbox")
-    export_compact(args, model, groups, explorer, label_map)
+    export_compact(args, model, groups, explorer, label_map, phys)
     dist_utils.barrier()
 
 

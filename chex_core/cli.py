@@ -15,6 +15,7 @@ from .budget import MacsModel, parse_flops, sparsity_for_macs
 from .css import CRITERIA
 from .explorer import ChannelExplorer
 from .groups import ChannelGroup, resnet_groups
+from .physical import MODES as COMPACT_MODES
 from .regrow import REGROW_METHODS
 from .schedule import ExplorationSchedule
 
@@ -63,6 +64,13 @@ def add_chex_args(parser: argparse.ArgumentParser, *, unit: str = "epochs", defa
     g.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="keep every pruned layer's width a multiple of N (8 suits fp16 tensor cores; default 1 = "
                         "paper fidelity)")
+    g.add_argument("--compact-training", action="store_true",
+                   help="train physically small: the model holds only the active channels (pruned ones live in the "
+                        "explorer's MRU store) and is rebuilt at every exploration event; same trajectory as masked "
+                        "training, less compute per step. Needs --grow_prune")
+    g.add_argument("--compact-training-mode", default="explore", choices=COMPACT_MODES,
+                   help="explore: compact from the start, rebuilt at every event; frozen: masked until T_max, then "
+                        "compact once (default explore)")
     g.add_argument("--chex-seed", type=int, default=None,
                    help="seed of the exploration RNG, shared by all ranks (default: --seed, or 0)")
 
@@ -80,6 +88,8 @@ def validate_chex_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(f"--T_max ({args.T_max}) must be >= --delta_T ({args.delta_T})")
     if args.chex_min_channels < 1:
         parser.error(f"--chex-min-channels must be >= 1, got {args.chex_min_channels}")
+    if args.compact_training and not args.grow_prune:
+        parser.error("--compact-training needs --grow_prune (there are no pruned channels to remove)")
     if args.round_to < 1:
         parser.error(f"--round-to must be >= 1, got {args.round_to}")
     if args.target_flops is not None:

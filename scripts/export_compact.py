@@ -125,44 +125,44 @@ def main(argv: list[str] | None = None) -> int:
 
     from chex_tasks import export as ex
 
-    torch.set_grad_enabled(False)
-    model, ckpt, image_size = load_compact(parser, args)
-    input_size = (3, image_size, image_size)
-    rep = ex.flops_report(model, input_size)
-    log.info("%s compact model at %dx%d: %.4g G MACs (paper 'FLOPs'; FlopCounterMode %.4g G), %.4g M params, "
-             "%d pruned layers", ckpt["arch"], image_size, image_size, rep["macs"] / 1e9,
-             rep["flop_counter_macs"] / 1e9, rep["params"] / 1e6, len(ckpt["cfg"]))
-    try:
-        if args.save_compact:
-            ex.save_compact_checkpoint(ckpt, args.save_compact)
-            ex.assert_portable(args.save_compact)
-            log.info("wrote compact checkpoint %s (weights_only-loadable, torch globals only)", args.save_compact)
+    with torch.no_grad():   # scoped, not global: main() is also called in-process
+        model, ckpt, image_size = load_compact(parser, args)
+        input_size = (3, image_size, image_size)
+        rep = ex.flops_report(model, input_size)
+        log.info("%s compact model at %dx%d: %.4g G MACs (paper 'FLOPs'; FlopCounterMode %.4g G), %.4g M params, "
+                 "%d pruned layers", ckpt["arch"], image_size, image_size, rep["macs"] / 1e9,
+                 rep["flop_counter_macs"] / 1e9, rep["params"] / 1e6, len(ckpt["cfg"]))
+        try:
+            if args.save_compact:
+                ex.save_compact_checkpoint(ckpt, args.save_compact)
+                ex.assert_portable(args.save_compact)
+                log.info("wrote compact checkpoint %s (weights_only-loadable, torch globals only)", args.save_compact)
 
-        stem = os.path.splitext(args.checkpoint)[0]
-        example = ex.example_input(input_size, batch=args.batch, seed=0)
-        # parity inputs: batch 1 and a batch other than the traced one, so a wrongly static batch is caught
-        inputs = [ex.example_input(input_size, batch=b, seed=1 + b)
-                  for b in ((args.batch,) if args.static_batch else (1, args.batch + 1))]
-        if not args.no_onnx:
-            path = ex.export_onnx(model, args.onnx or stem + ".onnx", example, opset=args.opset,
-                                  dynamic_batch=not args.static_batch)
-            log.info("wrote ONNX (opset %d) %s", args.opset, path)
-            if args.check:
-                err = ex.onnx_parity(model, path, inputs, atol=args.atol)
-                log.info("onnxruntime parity ok: max abs error %.3g on batches %s", err,
-                         [x.shape[0] for x in inputs])
-        if not args.no_program:
-            path = args.program or stem + ".pt2"
-            ex.export_program(model, example, path, dynamic_batch=not args.static_batch)
-            log.info("wrote torch.export program %s", path)
-            if args.check:
-                err = ex.program_parity(model, path, inputs, atol=args.atol)
-                log.info("torch.export parity ok (reloaded %s): max abs error %.3g on batches %s", path, err,
-                         [x.shape[0] for x in inputs])
-    except ex.ExportError as e:
-        log.error("%s", e)
-        return 1
-    return 0
+            stem = os.path.splitext(args.checkpoint)[0]
+            example = ex.example_input(input_size, batch=args.batch, seed=0)
+            # parity inputs: batch 1 and a batch other than the traced one, so a wrongly static batch is caught
+            inputs = [ex.example_input(input_size, batch=b, seed=1 + b)
+                      for b in ((args.batch,) if args.static_batch else (1, args.batch + 1))]
+            if not args.no_onnx:
+                path = ex.export_onnx(model, args.onnx or stem + ".onnx", example, opset=args.opset,
+                                      dynamic_batch=not args.static_batch)
+                log.info("wrote ONNX (opset %d) %s", args.opset, path)
+                if args.check:
+                    err = ex.onnx_parity(model, path, inputs, atol=args.atol)
+                    log.info("onnxruntime parity ok: max abs error %.3g on batches %s", err,
+                             [x.shape[0] for x in inputs])
+            if not args.no_program:
+                path = args.program or stem + ".pt2"
+                ex.export_program(model, example, path, dynamic_batch=not args.static_batch)
+                log.info("wrote torch.export program %s", path)
+                if args.check:
+                    err = ex.program_parity(model, path, inputs, atol=args.atol)
+                    log.info("torch.export parity ok (reloaded %s): max abs error %.3g on batches %s", path, err,
+                             [x.shape[0] for x in inputs])
+        except ex.ExportError as e:
+            log.error("%s", e)
+            return 1
+        return 0
 
 
 if __name__ == "__main__":

@@ -316,3 +316,24 @@ def test_upstream_commands_two_processes(tiny_coco, tmp_path):
     rc = det_main.main(["--backbone", "resnet101", "--mode", "evaluation", "--checkpoint",
                         str(tmp_path / "logs" / "epoch_1.pt"), "--data", str(tiny_coco), "--num-workers", "0"])
     assert rc == 1
+
+
+def test_compact_training_trains_resumes_and_exports(tiny_coco, tmp_path):
+    """--compact-training on the SSD backbone: the backbone really shrinks during training, a compact checkpoint
+    resumes (and refuses a resume without the flag), and the exported model evaluates."""
+    base = ["--backbone", "resnet18", "--bs", "4", "--data", str(tiny_coco), "--multistep", "10", "--warmup", "2",
+            "--grow_prune", "--channel_sparsity", "0.5", "--init_channel_ratio", "0.2", "--delta_T", "1",
+            "--T_max", "2", "--save", str(tmp_path), "--max-iters-per-epoch", "1", "--num-workers", "0",
+            "--eval-on-epochs", "99"]
+    assert det_main.main(base + ["--epoch", "3", "--compact-training"]) == 0
+    ck = torch.load(tmp_path / "epoch_2.pt", weights_only=True)
+    assert ck["physical"]["compact"]
+    dense = SSD300("resnet18", num_classes=4).backbone.state_dict()
+    shrunk = [k for k, v in ck["model"].items() if k.startswith("backbone.") and v.shape != dense[k[9:]].shape]
+    assert shrunk, "the trained backbone should be physically narrower"
+    assert det_main.main(base + ["--epoch", "4", "--checkpoint", str(tmp_path / "epoch_2.pt")]) == 1
+    assert det_main.main(base + ["--epoch", "4", "--compact-training",
+                                 "--checkpoint", str(tmp_path / "epoch_2.pt")]) == 0
+    assert torch.load(tmp_path / "epoch_3.pt", weights_only=True)["iteration"] == 4
+    assert det_main.main(["--backbone", "resnet18", "--mode", "evaluation", "--data", str(tiny_coco),
+                          "--checkpoint", str(tmp_path / "model_compact.pt"), "--num-workers", "0"]) == 0
