@@ -197,6 +197,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "compute cost for a shared machine (CPU only; default wall)")
     p.add_argument("--widths-from", type=Path, default=None,
                    help="reuse the CHEX width specs saved in this compact_speed JSON instead of a new mask run")
+    p.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="also time each CHEX model with every pruned width rounded up to a multiple of N (the "
+                        "--round-to training option's effect; default 1 = off)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder (default %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke: resnet18, budgets 1.2 0.8 G, 64 px, batch 4, 1 round of 1 iteration")
@@ -224,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         torch.set_num_threads(1)      # CPU time of one thread = compute time; more threads would count spin-waits
     if args.widths_from is not None and not args.widths_from.is_file():
         p.error(f"--widths-from: no such file {args.widths_from}")
+    if args.round_to < 1:
+        p.error(f"--round-to must be >= 1, got {args.round_to}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if any(b < 1 for b in args.sweep):
@@ -287,6 +292,16 @@ def main(argv: list[str] | None = None) -> dict:
             for stage in ("layer1", "layer2", "layer3", "layer4")}
         minfo["width_spec"] = spec
         models[name], info[name] = small, minfo
+        if args.round_to > 1:
+            # the same widths rounded up to multiples of N (what --round-to N would have kept), capped at dense
+            sizes = {g.producer: g.size for g in groups if g.kind == "inner"}
+            rspec = {n: min(sizes[n], -(-w // args.round_to) * args.round_to) for n, w in spec.items()}
+            torch.manual_seed(args.seed)
+            rsmall = apply_width_spec(getattr(torchvision.models, args.arch)(weights=None), rspec).eval()
+            rname = f"{name}-round{args.round_to}"
+            models[rname] = rsmall
+            info[rname] = {**minfo, "width_spec": rspec, "round_to": args.round_to,
+                           "compact_macs": count_macs(rsmall, FLOPS_SIZE)}
         log.info("%s: S %.3f → %.3f, %d events, MACs %.3f G (%+.2f %% vs budget), compact vs masked rel. err %.1e, "
                  "keep per stage %s (%.0f s)", name, minfo["sparsity_initial"], minfo["sparsity_final"],
                  minfo["events"], minfo["compact_macs"] / 1e9, 100 * minfo["macs_error"],
@@ -347,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     md = "\n".join(md) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"compact_speed_{args.arch}_{device.type}" + ("_cputime" if args.clock == "cpu" else "") + \
+        (f"_round{args.round_to}" if args.round_to > 1 else "") + \
         ("_quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"{stem}.md").write_text(md)

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import torchvision
 
 from benchmarks import accuracy_study, compact_speed
 from benchmarks._common import WidthMacs, bisect_sparsity, retarget_explorer, uniform_widths
@@ -104,6 +105,18 @@ def test_compact_speed_quick(tmp_path, one_thread):
     for r in again["rows"]:
         assert r["macs"] == rows[r["model"]]["macs"] and r.get("width_spec") == rows[r["model"]].get("width_spec")
     assert (tmp_path / "compact_speed_resnet18_cpu_cputime_quick.json").exists()
+    # --round-to: every CHEX model gets a twin whose pruned widths are multiples of N (capped at dense)
+    rounded = compact_speed.main(["--quick", "--device", "cpu", "--clock", "cpu", "--out", str(tmp_path),
+                                  "--round-to", "8",
+                                  "--widths-from", str(tmp_path / "compact_speed_resnet18_cpu_quick.json")])
+    rrows = {r["model"]: r for r in rounded["rows"]}
+    assert set(rrows) == set(rows) | {"chex-1.2G-round8", "chex-0.8G-round8"}
+    dense_widths = {g.producer: g.size for g in resnet_groups(torchvision.models.resnet18())}
+    for name in ("chex-1.2G", "chex-0.8G"):
+        r, base = rrows[f"{name}-round8"], rows[name]
+        assert all(w % 8 == 0 or w == dense_widths[n] for n, w in r["width_spec"].items())
+        assert all(r["width_spec"][n] >= w for n, w in base["width_spec"].items())
+        assert r["macs"] >= base["macs"]
 
 
 @pytest.mark.parametrize("script,argv", [
