@@ -50,8 +50,16 @@ def init_distributed(backend: str | None = None, device: str | None = None, time
         torch.cuda.set_device(dev)
     distributed = world > 1
     if distributed and not dist.is_initialized():
+        kw = {}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one agent store across restart rounds, but env:// adds no per-round prefix: after a
+            # --max-restarts restart the new gloo/nccl mesh could read the dead round's addresses and hang
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                                  timeout=datetime.timedelta(seconds=timeout_s))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            kw = dict(store=dist.PrefixStore(f"/chex/attempt_{attempt}", store), rank=rank, world_size=world)
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=timeout_s), **kw)
     return DistInfo(rank, local_rank, world, dev, distributed)
 
 

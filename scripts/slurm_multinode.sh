@@ -21,7 +21,7 @@ set -euo pipefail
 cd "${CHEX_ROOT:-${SLURM_SUBMIT_DIR:-.}}"
 : "${SLURM_NNODES:?not inside a Slurm allocation (submit with sbatch, or run under salloc)}"
 
-MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')   # awk reads all: no SIGPIPE under pipefail
 MASTER_PORT=${MASTER_PORT:-29500}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 # torchrun would default every worker to 1 thread; data loading and the CSS step on CPU want a few.
