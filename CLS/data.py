@@ -33,11 +33,17 @@ class Loaders:
     num_classes: int
     image_size: int
     train_sampler: Sampler | None = None
+    generator: torch.Generator | None = None  # the single-process shuffle generator (None with a train_sampler)
+    seed: int = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the distributed shards for ``epoch`` (``DistributedSampler.set_epoch``)."""
+        """Make the training order a function of ``(seed, epoch)`` only, so a resumed run replays it:
+        ``DistributedSampler.set_epoch``, or re-seed the single-process shuffle generator with ``seed + epoch``
+        (a generator that just advanced from epoch to epoch would restart at epoch 0's order after a resume)."""
         if isinstance(self.train_sampler, DistributedSampler):
             self.train_sampler.set_epoch(epoch)
+        elif self.generator is not None:
+            self.generator.manual_seed(self.seed + epoch)
 
 
 class ShardSampler(Sampler[int]):
@@ -235,5 +241,6 @@ def build_loaders(backend: str, root: str | None, *, batch_size: int, workers: i
         if len(train_loader) == 0:
             raise DataError(f"the training set ({len(train)} images) is too small for {world_size} process(es)")
     val_loader = DataLoader(val, batch_size=batch_size, sampler=ShardSampler(len(val), rank, world_size), **common)
-    return Loaders(train_loader, val_loader, n_cls, image_size, train_sampler)
+    return Loaders(train_loader, val_loader, n_cls, image_size, train_sampler,
+                   generator=g if train is not None else None, seed=seed)
 

@@ -493,10 +493,16 @@ def prepare_training(args, model, loaders, amp, info, accumulation, bar) -> Job:
     ckpt = load_resume(args, job.manager)
     if ckpt is not None:
         restore(job, ckpt)
-    elif explorer is not None:
-        explorer.start(optimizer)
-        if job.phys is not None:
-            job.phys.start()
+    else:
+        # Ranks were initialised with seed + rank. DDP copies rank 0's weights only when it wraps the model, after
+        # explorer.start() has put this rank's own pruned filters into its MRU store; a later regrow would bring
+        # those back and the ranks would train different models (T9).
+        for tensor in model.state_dict().values():
+            dist_utils.broadcast_tensor_(tensor)
+        if explorer is not None:
+            explorer.start(optimizer)
+            if job.phys is not None:
+                job.phys.start()
     if job.phys is not None:
         _follow_rebuild(job, job.phys)   # DDP-wrapped by PhysicalTraining when distributed
     elif info.distributed:
@@ -512,6 +518,10 @@ def prepare_training(args, model, loaders, amp, info, accumulation, bar) -> Job:
     log.info("training %s on %s: %d process(es) x %d images, %d micro-batches per step, %d steps/epoch, "
              "epochs %d..%d, device %s", args.arch, args.data_backend, info.world_size, args.batch_size,
              accumulation, steps_per_epoch, job.start_epoch, args.epochs - 1, info.device)
+    if ckpt is not None:
+        check_epoch_boundary(job)
+        # last: building the model and the FLOPs reference model above draw from the global generator
+        restore_rng(ckpt.get("rng"), info)
     return job
 
 
@@ -634,13 +644,36 @@ def restore(job: Job, ckpt: dict) -> None:
     for key, obj in (("scheduler", job.scheduler), ("scaler", job.scaler), ("trainer", job.trainer)):
         if ckpt.get(key):
             obj.load_state_dict(ckpt[key])
-    rng = ckpt.get("rng")
-    if isinstance(rng, list) and len(rng) == job.info.world_size:
-        restore_rng_state(rng[job.info.rank])
     best = ckpt.get("best_prec1")
     job.start_epoch = int(ckpt["epoch"])
     job.best_prec1 = float(best) if best is not None else float("nan")
     job.manager.best = job.best_prec1 if math.isfinite(job.best_prec1) else None
+
+
+def check_epoch_boundary(job: Job) -> None:
+    """Mid-epoch resume is not supported (checkpoints are written at epoch ends). A checkpoint whose step counter is
+    not ``start_epoch x steps_per_epoch`` (saved inside an epoch, or with another -b / --optimizer-batch-size / world
+    size) or that sits inside an accumulation window restarts ``start_epoch`` from its first batch, with a warning
+    (the Lightning semantics, T3); the step counter, and with it the LR and exploration schedules, carries on."""
+    trainer, expected = job.trainer, job.start_epoch * job.steps_per_epoch
+    if trainer.step_count != expected or trainer.micro:
+        warnings.warn(f"--resume: the checkpoint is at optimizer step {trainer.step_count} (+{trainer.micro} "
+                      f"micro-batches), not at the end of epoch {job.start_epoch} ({expected} steps of "
+                      f"{job.steps_per_epoch}); mid-epoch resume is not supported: restarting epoch "
+                      f"{job.start_epoch} from its first batch", stacklevel=2)
+        trainer.micro = 0  # the partial window's gradients are not in the checkpoint
+
+
+def restore_rng(rng, info: dist_utils.DistInfo) -> None:
+    """Continue each rank's torch generator (augmentation, mixup) from the checkpoint. States saved by another
+    number of processes cannot be mapped onto these ranks: keep the ``--seed`` streams and say so (T11)."""
+    if isinstance(rng, list) and len(rng) == info.world_size:
+        restore_rng_state(rng[info.rank])
+        return
+    n = len(rng) if isinstance(rng, list) else 0
+    log.warning("--resume: the checkpoint holds RNG states for %d process(es), this run has %d; augmentation and "
+                "mixup draws restart from --seed, so the run will not repeat an uninterrupted one bit for bit",
+                n, info.world_size)
 
 
 def finish(job: Job, val: dict) -> dict:

@@ -1,0 +1,617 @@
+"""Task-level reliability guarantees (issue 7; RELIABILITY_AND_PERFORMANCE.md §A4) on CLS, plus crash-safe saving and a
+bad-input suite across CLS/DET/SEG. chex_core-level guarantees are covered elsewhere (see the README table).
+
+Every CLS run here is a real ``CLS/main.py`` process (CPU, 1 thread, synthetic data, ResNet-18 with the 3x3 stem at
+16 px). Multi-process tests use ``torchrun`` with a c10d rendezvous on a free port and gloo; faults are injected by a
+small wrapper script written into ``tmp_path`` (test-only code never ships in CLS/).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# 32 images of 16 px, batch 8: 4 optimizer steps per epoch in one process, 2 per rank with two ranks.
+# Exploration every 2 epochs up to epoch 4 of 6 (events at the ends of epochs 2 and 4); mixup makes the result
+# depend on the torch RNG, so a lost RNG state shows up in the parameters.
+CLS_ARGS = ["--data-backend", "synthetic", "--synthetic-samples", "32", "--num-classes", "4", "--image-size", "16",
+            "--arch", "resnet18", "--cifar-stem", "-b", "8", "-j", "0", "--lr", "0.05", "--mixup", "0.2",
+            "--grow_prune", "--delta_T", "2", "--T_max", "4", "--channel_sparsity", "0.5",
+            "--init_channel_ratio", "0.25", "--seed", "1", "--no-tensorboard", "-p", "0"]
+EPOCHS = 6
+STATE_KEYS = ("epoch", "state_dict", "optimizer", "scheduler", "scaler", "trainer", "explorer", "rng", "best_prec1")
+
+WRAPPER = textwrap.dedent('''
+    """Runs CLS/main.py with faults injected from environment variables (test-only)."""
+    import hashlib, os, sys
+    sys.path.insert(0, os.environ["CHEX_REPO"])
+    import torch
+    from chex_core import engine
+    from CLS import main as cls_main, training
+
+    RANK = int(os.environ.get("RANK", "0"))
+    FAULT = int(os.environ.get("CHEX_FAULT_AT_STEP", "0"))  # rank 1 dies after FAULT steps, first attempt only
+    NAN = int(os.environ.get("CHEX_NAN_AT_STEP", "0"))      # rank 1's loss is NaN at optimizer step NAN
+    DUMP = os.environ.get("CHEX_DUMP_AFTER_RESTORE")         # write the state this process starts training from
+    _call, _epoch = engine.TrainStep.__call__, training.train_one_epoch
+    _dumped = []
+
+    def call(self, losses):
+        if FAULT and RANK == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and self.step_count == FAULT:
+            print(f"FAULT: rank {RANK} exits at step {self.step_count}", flush=True)
+            os._exit(1)
+        if NAN and RANK == 1 and self.step_count + 1 == NAN:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        return _call(self, losses)
+
+    def digest(tensors):
+        h = hashlib.sha1()
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def epoch(ctx, loader, n, **kw):
+        trainer = ctx.trainer
+        if DUMP and not _dumped:  # after --resume and DDP wrapping, before the first step of this process
+            _dumped.append(n)
+            torch.save({"state_dict": ctx.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                        "explorer": trainer.explorer.state_dict(), "scheduler": trainer.lr_scheduler.state_dict(),
+                        "trainer": trainer.state_dict(), "epoch": n}, f"{DUMP}.rank{RANK}.pth")
+        out = _epoch(ctx, loader, n, **kw)
+        ex, opt = trainer.explorer, trainer.optimizer
+        params = digest(p for p in ctx.model.parameters())
+        mom = digest(s["momentum_buffer"] for s in opt.state.values())
+        mru = digest(t for e in ex.mru.values() for k, t in e.items() if "running" not in k)
+        masks = digest(ex.masks.values())
+        print(f"CHECKSUM epoch {n} rank {RANK} params {params} momentum {mom} masks {masks} mru {mru}", flush=True)
+        return out
+
+    engine.TrainStep.__call__, training.train_one_epoch = call, epoch
+    sys.exit(cls_main.main(sys.argv[1:]))
+''')
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CHEX_REPO=str(REPO), CI="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _cls(args: list[str], timeout: int = 120, **env) -> subprocess.CompletedProcess:
+    """One CLS/main.py process; returns the completed process (stdout+stderr in ``.stdout``)."""
+    return subprocess.run([sys.executable, str(REPO / "CLS" / "main.py"), *args], cwd=REPO, env=_env(**env),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(wrapper: Path, args: list[str], restarts: int = 0, timeout: int = 120, **env):
+    """``torchrun`` with 2 local gloo workers, c10d rendezvous on a free port. The launcher runs in its own session
+    and the whole group is SIGKILLed on timeout, so a hung worker can neither hang CI nor outlive the test."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", str(restarts),
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--tee", "3", str(wrapper),
+           *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s (hang); last output:\n{out[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+def _wrapper(tmp_path: Path) -> Path:
+    path = tmp_path / "cls_fault_wrapper.py"
+    path.write_text(WRAPPER)
+    return path
+
+
+def _load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def state_diff(a, b, path: str = "") -> list[str]:
+    """Paths where two checkpoint trees are not bitwise equal (``torch.equal`` + dtype, NaN == NaN for floats)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+        return [] if same else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path} keys {sorted(map(str, set(a) ^ set(b)))}"]
+        return [d for k in a for d in state_diff(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path} length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in state_diff(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return []
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def assert_same_training_state(a: dict, b: dict, keys=STATE_KEYS) -> None:
+    diffs = [d for k in keys for d in state_diff(a.get(k), b.get(k), k)]
+    assert not diffs, f"{len(diffs)} differences, e.g. {diffs[:6]}"
+
+
+# --------------------------------------------------------------------------------------------------- T1/T2/T3
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted reference: 6 epochs, every epoch's checkpoint kept."""
+    ws = tmp_path_factory.mktemp("straight")
+    run = _cls([*CLS_ARGS, "--epochs", str(EPOCHS), "--workspace", str(ws), "--keep-checkpoints", "10"])
+    assert run.returncode == 0, run.stdout[-3000:]
+    return ws
+
+
+def _resume_from(straight: Path, k: int, tmp_path: Path, edit=None) -> subprocess.CompletedProcess:
+    """Copy the straight run's epoch-k checkpoint into a fresh workspace (optionally edited) and finish there in a
+    new process with ``--resume auto``."""
+    ws = tmp_path / f"resume{k}"
+    ws.mkdir()
+    name = f"checkpoint_{k:06d}.pth"
+    if edit is None:
+        shutil.copy(straight / name, ws / name)
+    else:
+        ckpt = _load(straight / name)
+        edit(ckpt)
+        torch.save(ckpt, ws / name)
+    run = _cls([*CLS_ARGS, "--epochs", str(EPOCHS), "--workspace", str(ws), "--resume", "auto",
+                "--keep-checkpoints", "1"])
+    run.ws = ws
+    return run
+
+
+def test_run_epochs_stop_writes_the_straight_runs_checkpoint(straight, tmp_path):
+    """T1 set-up: stopping with --run-epochs k writes exactly the straight run's epoch-k checkpoint, so the resume
+    cases below may start from the straight run's files."""
+    ws = tmp_path / "stopped"
+    run = _cls([*CLS_ARGS, "--epochs", str(EPOCHS), "--workspace", str(ws), "--run-epochs", "3"])
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "continue with --resume auto" in run.stdout
+    assert_same_training_state(_load(ws / "checkpoint_000003.pth"), _load(straight / "checkpoint_000003.pth"))
+    assert not (ws / "compact.pth").exists()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5], ids=["before-event", "at-event", "after-event", "after-T_max"])
+def test_interrupted_run_ends_bitwise_equal(straight, tmp_path, k):
+    """T1: stop after epoch k, resume in a new process, finish: parameters, buffers, masks, MRU store, optimizer
+    momentum, scheduler, scaler, trainer counters, RNG states and the epoch are bitwise the straight run's."""
+    run = _resume_from(straight, k, tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "resuming from" in run.stdout and f"(epoch {k} done)" in run.stdout
+    final = _load(run.ws / f"checkpoint_{EPOCHS:06d}.pth")
+    reference = _load(straight / f"checkpoint_{EPOCHS:06d}.pth")
+    assert final["explorer"]["event_count"] == 2 and final["trainer"]["step_count"] == 4 * EPOCHS
+    assert_same_training_state(final, reference)
+    small, ref_small = _load(run.ws / "compact.pth"), _load(straight / "compact.pth")
+    assert small["cfg"] == ref_small["cfg"] and not state_diff(small["state_dict"], ref_small["state_dict"])
+
+
+def test_compact_training_resume_is_bitwise(tmp_path):
+    """T1 for ``--compact-training`` (the model is physically rebuilt at every event): 4 epochs straight vs stopped
+    after epoch 3 (one epoch after the epoch-2 rebuild, one before the last event) and resumed in a new process."""
+    args = [*CLS_ARGS, "--epochs", "4", "--compact-training", "--keep-checkpoints", "10"]
+    ref = _cls([*args, "--workspace", str(tmp_path / "straight")])
+    assert ref.returncode == 0, ref.stdout[-3000:]
+    ws = tmp_path / "resumed"
+    ws.mkdir()
+    shutil.copy(tmp_path / "straight" / "checkpoint_000003.pth", ws)
+    run = _cls([*args, "--workspace", str(ws), "--resume", "auto"])
+    assert run.returncode == 0, run.stdout[-3000:]
+    final, reference = _load(ws / "checkpoint_000004.pth"), _load(tmp_path / "straight" / "checkpoint_000004.pth")
+    assert final["physical"] is not None
+    assert_same_training_state(final, reference, keys=(*STATE_KEYS, "physical"))
+
+
+def test_dropped_rng_state_changes_the_result(straight, tmp_path):
+    """T2: the comparison has teeth: resuming without the RNG states (mixup draws) ends in a different state."""
+    run = _resume_from(straight, 3, tmp_path, edit=lambda c: c.pop("rng"))
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "RNG states for 0 process(es)" in run.stdout  # the loss of state is reported, not silent
+    with pytest.raises(AssertionError, match="differences"):
+        assert_same_training_state(_load(run.ws / f"checkpoint_{EPOCHS:06d}.pth"),
+                                   _load(straight / f"checkpoint_{EPOCHS:06d}.pth"))
+
+
+@pytest.mark.parametrize("drop", ["mru", "explorer"])
+def test_missing_explorer_state_fails_loudly(straight, tmp_path, drop):
+    """T2/T7: a checkpoint without the MRU store, or without any explorer state, under --grow_prune --resume is one
+    clear error line (exit 2), never a silent re-initialisation; nothing new is written."""
+    def edit(ckpt):
+        if drop == "mru":
+            del ckpt["explorer"]["mru"]
+        else:
+            ckpt["explorer"] = None
+    run = _resume_from(straight, 3, tmp_path, edit=edit)
+    assert run.returncode == 2, run.stdout[-3000:]
+    last = run.stdout.strip().splitlines()[-1]
+    assert "--resume" in last and ("mru" in last if drop == "mru" else "no explorer state" in last), last
+    assert "Traceback" not in run.stdout
+    assert sorted(p.name for p in run.ws.iterdir()) == ["checkpoint_000003.pth"]
+
+
+def test_compact_file_is_not_a_training_checkpoint(straight, tmp_path, capsys):
+    """T7 (reverse direction): ``--resume compact.pth`` (a physically small model, no optimizer or explorer) is one
+    clear error naming --resume, not a silent partial load; nothing is written."""
+    from CLS.main import main
+
+    ws = tmp_path / "ws"
+    with pytest.raises(SystemExit) as exc:
+        main([*CLS_ARGS, "--epochs", str(EPOCHS), "--workspace", str(ws), "--resume", str(straight / "compact.pth")])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--resume" in last and "not a CLS training checkpoint" in last, last
+    assert not ws.exists() or not any(ws.iterdir())
+
+
+def test_mid_epoch_checkpoint_restarts_the_epoch_with_a_warning(straight, tmp_path):
+    """T3: CLS checkpoints at epoch ends only; a checkpoint whose step counter is inside an epoch (here: one step
+    short of epoch 3's end) is not resumed silently: a warning, then epoch 3 restarts from its first batch."""
+    def edit(ckpt):
+        ckpt["trainer"]["step_count"] -= 1
+    run = _resume_from(straight, 3, tmp_path, edit=edit)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "mid-epoch resume is not supported: restarting epoch 3" in run.stdout
+    final = _load(run.ws / f"checkpoint_{EPOCHS:06d}.pth")
+    assert final["epoch"] == EPOCHS and final["trainer"]["step_count"] == 4 * EPOCHS - 1
+
+
+# --------------------------------------------------------------------------------------------------- T4(b)
+_SAVER = textwrap.dedent('''
+    import sys, torch
+    from chex_core.checkpoint import save_checkpoint
+    path = sys.argv[1]
+    big = torch.zeros(24 * 1024 * 1024 // 4)  # 24 MB per save
+    for version in range(1, 10000):
+        big.fill_(version)
+        save_checkpoint({"version": version, "weights": big}, path)
+        print(version, flush=True)
+''')
+
+
+def _kill_mid_save(folder: Path, target: Path) -> bool:
+    """Start the saver loop, wait for one complete save and for the next one's temp file, SIGKILL it. True if the
+    kill landed mid-save (a temp file was left behind)."""
+    from chex_core.checkpoint import TMP_PREFIX
+
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "1", "the first save did not complete"
+        deadline = time.monotonic() + 60
+        while not list(folder.glob(TMP_PREFIX + "*")):  # the next save is in progress
+            assert time.monotonic() < deadline and proc.poll() is None, "no save in progress observed"
+            time.sleep(0.0005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    return bool(list(folder.glob(TMP_PREFIX + "*")))
+
+
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    """T4(b): SIGKILL while ``save_checkpoint`` is writing: the final name still holds a complete earlier version,
+    the half-written temp file is in the target folder under a temp name, resume discovery ignores it and the next
+    manager save cleans it up."""
+    from chex_core.checkpoint import TMP_PREFIX, CheckpointManager, load_checkpoint
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    target = folder / "checkpoint_000001.pth"
+    # the window between one save's rename and the next one's temp file is tiny, but retry if the kill hit it
+    assert any(_kill_mid_save(folder, target) for _ in range(5)), "no kill landed mid-save in 5 tries"
+    leftovers = list(folder.glob(TMP_PREFIX + "*"))
+    assert all(p.parent == folder and p.name.startswith(TMP_PREFIX + target.name) for p in leftovers)
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)) == [target.name]
+    ckpt = load_checkpoint(str(target))  # weights_only load of a complete file
+    assert ckpt["version"] >= 1 and torch.equal(ckpt["weights"], torch.full_like(ckpt["weights"], ckpt["version"]))
+    manager = CheckpointManager(str(folder), keep=2)
+    assert manager.latest() == str(target)
+    manager.save({"version": -1}, 2)
+    assert not list(folder.glob(TMP_PREFIX + "*"))
+    assert load_checkpoint(str(target))["version"] == ckpt["version"]
+
+
+# --------------------------------------------------------------------------------------------------- distributed
+DIST_ARGS = [*CLS_ARGS, "--epochs", "4", "--delta_T", "1", "--T_max", "3", "--keep-checkpoints", "1",
+             "--resume", "auto", "--training-only"]
+
+
+def _checksums(log: str) -> dict[tuple[int, int], str]:
+    out = {}
+    for line in log.splitlines():
+        if "CHECKSUM epoch" in line:
+            words = line.split("CHECKSUM ", 1)[1].split()
+            out[(int(words[1]), int(words[3]))] = " ".join(words[4:])
+    return out
+
+
+def _assert_ranks_agree(log: str, epochs) -> None:
+    """T9 at task level: after every epoch (events included) parameters, momentum, masks and the MRU store have the
+    same checksum on both ranks, although the ranks draw different mixup randomness."""
+    sums = _checksums(log)
+    for e in epochs:
+        assert (e, 0) in sums and sums[(e, 0)] == sums[(e, 1)], (e, sums)
+
+
+@pytest.fixture(scope="module")
+def dist_reference(tmp_path_factory):
+    """The uninterrupted two-rank reference run (torchrun with --max-restarts=1 and the wrapper, no fault)."""
+    tmp = tmp_path_factory.mktemp("dist_ref")
+    run = _torchrun(_wrapper(tmp), [*DIST_ARGS, "--workspace", str(tmp / "ref")], restarts=1)
+    assert run.returncode == 0, run.stdout[-3000:]
+    return tmp / "ref", run.stdout
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_same_model(dist_reference):
+    """T9 at task level: after every epoch (each ends with an exploration event) both ranks hold bitwise the same
+    parameters, momentum, masks and MRU store, although their mixup draws differ (seed + rank)."""
+    _, log = dist_reference
+    _assert_ranks_agree(log, range(4))
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_rank_failure_matches_reference(dist_reference, tmp_path):
+    """T12: ``torchrun --max-restarts=1``; rank 1 exits one step into epoch 2 on the first attempt only. The job exits
+    0, the restarted workers resume from the epoch-2 checkpoint and the final state equals the uninterrupted run's."""
+    ref, _ = dist_reference
+    # 2 steps per epoch: step_count 5 = one step into epoch 2 (the epoch-2 checkpoint exists by then)
+    run = _torchrun(_wrapper(tmp_path), [*DIST_ARGS, "--workspace", str(tmp_path / "faulty")], restarts=1,
+                    CHEX_FAULT_AT_STEP=5, timeout=75)
+    assert "FAULT: rank 1 exits at step 5" in run.stdout
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert "checkpoint_000002.pth (epoch 2 done)" in run.stdout
+    _assert_ranks_agree(run.stdout, range(2, 4))
+    assert_same_training_state(_load(tmp_path / "faulty" / "checkpoint_000004.pth"),
+                               _load(ref / "checkpoint_000004.pth"))
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_every_rank(tmp_path):
+    """T14 distributed: rank 1's loss turns NaN at step 3; the check runs on the all-reduced loss, so both ranks stop
+    at step 3 with the same clear message, the job fails (no hang: guarded by the timeout) and no checkpoint past
+    epoch 1 is written."""
+    run = _torchrun(_wrapper(tmp_path), [*DIST_ARGS, "--workspace", str(tmp_path / "ws")], CHEX_NAN_AT_STEP=3,
+                    timeout=120)
+    assert run.returncode != 0
+    for rank in (0, 1):
+        lines = [ln for ln in run.stdout.splitlines() if ln.startswith(f"[default{rank}]:")
+                 and "non-finite training loss at optimizer step 3:" in ln]
+        assert lines, run.stdout[-3000:]
+    assert "Traceback" not in run.stdout.split("non-finite training loss")[0]
+    assert sorted(p.name for p in (tmp_path / "ws").glob("checkpoint_*")) == ["checkpoint_000001.pth"]
+
+
+@pytest.mark.slow
+def test_checkpoint_moves_between_world_sizes(tmp_path):
+    """T11: a checkpoint saved by 2 ranks loads into 1 process, and a 1-process checkpoint into 2 ranks, with the
+    model, optimizer, explorer (masks + MRU), scheduler and counters bitwise as saved; the RNG-count mismatch is a
+    warning. ``--optimizer-batch-size 16`` keeps the global batch and the steps per epoch equal in both layouts."""
+    wrapper = _wrapper(tmp_path)
+    args = [*DIST_ARGS, "--optimizer-batch-size", "16"]
+    two = tmp_path / "two"
+    run = _torchrun(wrapper, [*args, "--workspace", str(two), "--run-epochs", "2"])
+    assert run.returncode == 0, run.stdout[-3000:]
+    saved2 = _load(two / "checkpoint_000002.pth")
+    assert len(saved2["rng"]) == 2
+    # 2 -> 1
+    run = subprocess.run([sys.executable, str(wrapper), *args, "--workspace", str(two), "--run-epochs", "1"],
+                         cwd=REPO, env=_env(CHEX_DUMP_AFTER_RESTORE=tmp_path / "to1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "RNG states for 2 process(es), this run has 1" in run.stdout
+    _assert_loaded_as_saved(_load(tmp_path / "to1.rank0.pth"), saved2)
+    saved1 = _load(two / "checkpoint_000003.pth")
+    assert saved1["trainer"]["step_count"] == 6 and len(saved1["rng"]) == 1
+    # 1 -> 2
+    run = _torchrun(wrapper, [*args, "--workspace", str(two), "--run-epochs", "1"],
+                    CHEX_DUMP_AFTER_RESTORE=tmp_path / "to2")
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "RNG states for 1 process(es), this run has 2" in run.stdout
+    for rank in (0, 1):
+        _assert_loaded_as_saved(_load(tmp_path / f"to2.rank{rank}.pth"), saved1)
+    _assert_ranks_agree(run.stdout, [3])
+
+
+def _assert_loaded_as_saved(loaded: dict, saved: dict) -> None:
+    from chex_core.checkpoint import strip_prefix
+
+    assert not state_diff(strip_prefix(loaded["state_dict"]), strip_prefix(saved["state_dict"])), "model"
+    for key in ("optimizer", "scheduler", "trainer"):
+        assert not state_diff(loaded[key], saved[key]), key
+    mine, theirs = loaded["explorer"], saved["explorer"]
+    for key in ("masks", "mru", "event_count", "last_event_step", "groups"):
+        assert not state_diff(mine[key], theirs[key]), f"explorer/{key}"
+    assert loaded["epoch"] == saved["epoch"]
+
+
+# --------------------------------------------------------------------------------------------------- T19 / T21
+def _write_images(folder: Path) -> dict[str, Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rgb = Image.new("RGB", (20, 20), (200, 30, 60))
+    files = {}
+    for i in range(3):
+        files[f"good{i}"] = folder / f"good{i}.JPEG"
+        rgb.save(files[f"good{i}"])
+    files["gray"] = folder / "gray.JPEG"
+    Image.new("L", (20, 20), 90).save(files["gray"])
+    files["cmyk"] = folder / "cmyk.JPEG"
+    Image.new("CMYK", (20, 20), (0, 200, 100, 20)).save(files["cmyk"])
+    files["png"] = folder / "really_png.JPEG"
+    rgb.save(files["png"], format="PNG")
+    files["empty"] = folder / "empty.JPEG"
+    files["empty"].write_bytes(b"")
+    files["truncated"] = folder / "truncated.JPEG"
+    noisy = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))
+    noisy.save(files["truncated"], quality=95)
+    data = files["truncated"].read_bytes()
+    files["truncated"].write_bytes(data[: len(data) // 2])  # header intact: opens fine, fails at decode
+    return files
+
+
+def test_bad_images_are_decoded_or_skipped_then_fatal(tmp_path, caplog):
+    """T19: grayscale, CMYK and PNG-named-.JPEG images decode to 3-channel RGB; a zero-byte file and a JPEG truncated
+    after its header are skipped with their path logged, up to --max-bad-images, then a DataError; the dataset and
+    sampler lengths never change."""
+    from PIL import Image
+
+    from CLS.data import DataError, build_loaders
+
+    root = tmp_path / "imagenet"
+    files = _write_images(root / "val" / "c0")
+    shutil.copytree(root / "val", root / "train")
+    with Image.open(files["truncated"]) as im:  # the truncated file really fails at decode, not at open
+        with pytest.raises(OSError):
+            im.load()
+    kw = dict(batch_size=4, workers=0, image_size=16, need_train=False, rank=0, world_size=1)
+    loaders = build_loaders("pytorch", str(root), max_bad_images=2, **kw)
+    ds = loaders.val.dataset
+    n = len(ds)
+    assert n == 8 and len(loaders.val.sampler) == 8
+    paths = [p for p, _ in ds.inner.samples]
+    for name in ("gray", "cmyk", "png"):
+        image, label = ds[paths.index(str(files[name]))]
+        assert image.shape == (3, 16, 16) and label == 0, name
+    assert ds.bad == 0
+    caplog.set_level(logging.WARNING)
+    seen = sum(images.shape[0] for images, _ in loaders.val)  # two bad files replaced by readable neighbours
+    assert seen == n and ds.bad == 2 and len(ds) == n and len(loaders.val.sampler) == n
+    for name in ("empty", "truncated"):
+        assert str(files[name]) in caplog.text
+    strict = build_loaders("pytorch", str(root), max_bad_images=1, **kw)
+    with pytest.raises(DataError, match="more than 1 unreadable images"):
+        for _ in strict.val:
+            pass
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_sampler_order_changes_per_epoch_and_survives_resume(world_size):
+    """T21: the training order differs between epochs and is a function of (seed, epoch) only, so loaders rebuilt
+    in a new process (a resume) and set to epoch e reproduce the straight run's epoch-e order."""
+    from CLS.data import build_loaders
+
+    def build():
+        return build_loaders("synthetic", None, batch_size=4, workers=0, image_size=8, need_train=True,
+                             rank=world_size - 1, world_size=world_size, num_classes=4, synthetic_samples=32, seed=7)
+
+    def order(loaders):
+        return [int(i) for i in loaders.train.sampler] if world_size > 1 else \
+            [int(i) for i in loaders.train.batch_sampler.sampler]
+
+    straight = build()
+    orders = []
+    for epoch in range(3):
+        straight.set_epoch(epoch)
+        orders.append(order(straight))
+    assert orders[0] != orders[1] != orders[2]
+    resumed = build()
+    resumed.set_epoch(2)
+    assert order(resumed) == orders[2]
+    again = build()
+    again.set_epoch(0)
+    assert order(again) == orders[0]
+
+
+# --------------------------------------------------------------------------------------------------- bad flags
+def _coco_stub(tmp_path: Path) -> Path:
+    """An existing folder, so that the data-path check passes and the flag under test is the one rejected."""
+    root = tmp_path / "coco"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+BAD_CLS = [
+    (["--channel_sparsity", "1.5"], "--channel_sparsity"),
+    (["--channel_sparsity", "-0.1"], "--channel_sparsity"),
+    (["--init_channel_ratio", "0.9", "--channel_sparsity", "0.5"], "--init_channel_ratio"),
+    (["--delta_T", "4", "--T_max", "2"], "--T_max"),
+    (["--epochs", "-3"], "--epochs"),
+    (["--arch", "resnet7"], "--arch"),
+    (["--data-backend", "pytorch", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["--label-smoothing", "1.0"], "--label-smoothing"),
+    (["--lr", "-1"], "--lr"),
+]
+
+
+@pytest.mark.parametrize("extra,flag", BAD_CLS, ids=[f"{f}:{' '.join(e)}" for e, f in BAD_CLS])
+def test_cls_bad_flags(tmp_path, capsys, extra, flag):
+    """Bad flags: exit 2, the last stderr line names the flag, nothing is written to --workspace."""
+    from CLS.main import main
+
+    ws = tmp_path / "ws"
+    base = ["--data-backend", "synthetic", "--grow_prune", "-j", "0", "--workspace", str(ws)]
+    with pytest.raises(SystemExit) as exc:
+        main(base + extra)
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag in last and "error" in last, last
+    assert not ws.exists()
+
+
+def _det_cases(tmp):
+    data = str(_coco_stub(tmp))
+    return [(["--data", data, "--grow_prune", "--channel_sparsity", "1.2"], "--channel_sparsity"),
+            (["--data", data, "--grow_prune", "--delta_T", "5", "--T_max", "2"], "--T_max"),
+            (["--data", data, "--epochs", "-1"], "--epochs"),
+            (["--data", data, "--backbone", "resnet7"], "--backbone"),
+            (["--data", str(tmp / "nowhere")], "--data")]
+
+
+def _seg_cases(tmp):
+    data = str(_coco_stub(tmp))
+    return [(["--data-path", data, "--grow_prune", "--channel_sparsity", "1.2"], "--channel_sparsity"),
+            (["--data-path", data, "--grow_prune", "--init_channel_ratio", "0.9", "--channel_sparsity", "0.5"],
+             "--init_channel_ratio"),
+            (["--data-path", data, "--grow_prune", "--delta_T", "500", "--T_max", "100"], "--T_max"),
+            (["--data-path", data, "--max-iter", "-5"], "--max-iter"),
+            (["--data-path", str(tmp / "nowhere")], "--data-path")]
+
+
+@pytest.mark.parametrize("task", ["DET", "SEG"])
+def test_det_seg_bad_flags(tmp_path, capsys, task):
+    """The same guarantee for DET and SEG (their output flags point into tmp_path, which must stay empty)."""
+    if task == "DET":
+        from DET.main import main
+        cases, out = _det_cases(tmp_path), ["--save", str(tmp_path / "out")]
+    else:
+        from SEG.train import main
+        cases, out = _seg_cases(tmp_path), ["--output-dir", str(tmp_path / "out")]
+    failures = []
+    for argv, flag in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv + out)
+        err = capsys.readouterr().err.strip().splitlines()
+        if exc.value.code != 2 or not err or flag not in err[-1] or (tmp_path / "out").exists():
+            failures.append((argv, exc.value.code, err[-1:] if err else err))
+    assert not failures, failures
