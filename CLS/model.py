@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from chex_core import apply_width_spec, resnet_groups
-from chex_core.checkpoint import CheckpointError, load_checkpoint, strip_prefix
+from chex_core.checkpoint import CheckpointError, load_checkpoint, state_dict_problems, strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +138,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, so
             raise WeightsError(f"{source}: width spec names layers that --arch {arch} does not have "
                                f"({', '.join(unknown[:3])})")
         apply_width_spec(model, spec)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
-        raise WeightsError(f"{source} does not fit --arch {arch}: " + "; ".join(parts))
+    problems = state_dict_problems(model.state_dict(), state_dict, optional=())
+    if problems:
+        raise WeightsError(f"{source} does not fit --arch {arch}: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True)
     return model
 

@@ -334,7 +334,7 @@ def test_bad_checkpoints(tmp_path, capsys):
     sd = build_model("resnet50", 4).state_dict()
     del sd["fc.weight"]
     torch.save({"state_dict": sd}, tmp_path / "partial.pth")
-    assert "1 missing keys (e.g. fc.weight)" in _expect_exit2([*ev, "--pretrained-weights",
+    assert "1 missing keys, e.g. fc.weight" in _expect_exit2([*ev, "--pretrained-weights",
                                                                str(tmp_path / "partial.pth")], capsys)
     # the positive cases: a plain torchvision-style state dict, with and without the DDP prefix, loads and evaluates
     plain = build_model("resnet18", 4).state_dict()
