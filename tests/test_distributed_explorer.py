@@ -37,12 +37,14 @@ def _worker(rank, world, init_file, out_dir):
         if rep is not None:
             masks = torch.cat([ex.masks[k] for k in sorted(ex.masks)]).float()
             mru = sum(float(v.double().sum()) for e in ex.mru.values() for v in e.values())
-            params = sum(float(p.double().sum()) for p in model.parameters())
+            params = sum(float(p.detach().double().sum()) for p in model.parameters())
             digests.append((step, masks.tolist(), mru, params))
     gathered = [None] * world
     dist.all_gather_object(gathered, digests)
     if rank == 0:
         torch.save(gathered, os.path.join(out_dir, "digests.pt"))
+    # no rank may tear gloo down while the other still has a collective in flight (that aborts the process)
+    dist.barrier()
     dist.destroy_process_group()
 
 

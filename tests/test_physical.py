@@ -390,6 +390,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         dist.all_gather_object(out, records)
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "ddp.pt"))
+        dist.barrier()   # tearing gloo down while the other rank is mid-collective aborts the process
     finally:
         dist.destroy_process_group()
 
