@@ -641,8 +641,13 @@ def restore(job: Job, ckpt: dict) -> None:
                 job.explorer.load_state_dict(ckpt["explorer"], job.optimizer)
     except (cls_model.WeightsError, ValueError, KeyError) as exc:
         raise UserError(f"--resume {ckpt['_path']}: {str(exc).splitlines()[0]}") from None
+    # a training checkpoint without its schedule state would silently restart the LR schedule / step clock (T7)
+    missing = [k for k in ("scheduler", "scaler", "trainer") if ckpt.get(k) is None]
+    if missing:
+        raise UserError(f"--resume {ckpt['_path']} lacks {', '.join(missing)} state: not a complete CLS training "
+                        "checkpoint (use --pretrained-weights to start a new run from its weights)")
     for key, obj in (("scheduler", job.scheduler), ("scaler", job.scaler), ("trainer", job.trainer)):
-        if ckpt.get(key):
+        if ckpt[key]:          # a disabled GradScaler saves {}, and refuses to load it
             obj.load_state_dict(ckpt[key])
     best = ckpt.get("best_prec1")
     job.start_epoch = int(ckpt["epoch"])

@@ -239,19 +239,22 @@ def test_dropped_rng_state_changes_the_result(straight, tmp_path):
                                    _load(straight / f"checkpoint_{EPOCHS:06d}.pth"))
 
 
-@pytest.mark.parametrize("drop", ["mru", "explorer"])
+@pytest.mark.parametrize("drop", ["mru", "explorer", "scheduler"])
 def test_missing_explorer_state_fails_loudly(straight, tmp_path, drop):
     """T2/T7: a checkpoint without the MRU store, or without any explorer state, under --grow_prune --resume is one
     clear error line (exit 2), never a silent re-initialisation; nothing new is written."""
     def edit(ckpt):
         if drop == "mru":
             del ckpt["explorer"]["mru"]
+        elif drop == "scheduler":
+            del ckpt["scheduler"]
         else:
             ckpt["explorer"] = None
     run = _resume_from(straight, 3, tmp_path, edit=edit)
     assert run.returncode == 2, run.stdout[-3000:]
     last = run.stdout.strip().splitlines()[-1]
-    assert "--resume" in last and ("mru" in last if drop == "mru" else "no explorer state" in last), last
+    expected = {"mru": "mru", "explorer": "no explorer state", "scheduler": "lacks scheduler"}[drop]
+    assert "--resume" in last and expected in last, last
     assert "Traceback" not in run.stdout
     assert sorted(p.name for p in run.ws.iterdir()) == ["checkpoint_000003.pth"]
 
