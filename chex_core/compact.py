@@ -7,7 +7,7 @@ plain ResNet adds the shortcut to the full residual stream, so a narrowed shortc
 the masked model computes (up to float rounding).
 
 GroupNorm is rejected: its statistics are taken over groups of channels, so removing channels changes what the
-remaining ones compute (docs/algorithm.md §7).
+remaining ones compute (docs/algorithm.md §7.1).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ so they cannot disagree about which tensors a channel touches. A group's entries
 - ``consumer``: a layer that reads the channels as its *input*: ``weight`` along dim 1.
 
 Each role may list several modules. Today's :class:`~chex_core.groups.ChannelGroup` has one producer and one norm and
-any number of consumers; a coupled group (a residual stream written by several convs, see docs/algorithm.md §7) will
+any number of consumers; a coupled group (a residual stream written by several convs, see docs/algorithm.md §7.3) will
 list several of each, and everything built on this module already iterates over all of them.
 
 The layout holds names only. Tensors are looked up on the live model each time (:meth:`GroupLayout.resolve`), because

@@ -6,7 +6,7 @@ parameter and every optimizer-state tensor shaped like it by a 0/1 multiplier (:
 ``conv2.weight`` is masked on dim 0 by its own group and on dim 1 by ``conv1``'s, so its multiplier is the product).
 Physically compact training masks the full-width downsample groups the same way.
 
-Optimizer state of pruned channels is zeroed (upstream leaves it to decay; docs/algorithm.md §6 explains the choice).
+Optimizer state of pruned channels is zeroed (upstream leaves it to decay; docs/algorithm.md §6.2 explains the choice).
 For SGD momentum, zero is what a regrown channel should start from. For Adam-like optimizers it is not: with a zero
 second moment and a large step count the bias corrections are ≈ 1, so the first update of a regrown weight would be
 ``lr·(1−β1)·g/√((1−β2)·g²) ≈ 3.2·lr·sign(g)`` whatever the gradient's size. :func:`fill_regrown_second_moments`

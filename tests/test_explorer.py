@@ -215,7 +215,11 @@ def run(total, stop=None, drop=None, seed=0):
 def same_state(a, b):
     (ma, ea), (mb, eb) = a, b
     sa, sb = ma.state_dict(), mb.state_dict()
-    return all(torch.equal(sa[k], sb[k]) for k in sa) and all(torch.equal(ea.masks[k], eb.masks[k]) for k in ea.masks)
+    same_mru = ea.mru.keys() == eb.mru.keys() and all(
+        e.keys() == eb.mru[k].keys() and all(torch.equal(v, eb.mru[k][kk]) for kk, v in e.items())
+        for k, e in ea.mru.items())
+    return all(torch.equal(sa[k], sb[k]) for k in sa) and same_mru and \
+        all(torch.equal(ea.masks[k], eb.masks[k]) for k in ea.masks)
 
 
 @pytest.mark.parametrize("stop", [3, 4, 5, 13])   # just before, at, just after an event; after T_max (step 12)

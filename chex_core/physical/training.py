@@ -64,7 +64,7 @@ class PhysicalTraining:
         self.lr_scheduler, self.trainer = lr_scheduler, trainer
         self.wrap = wrap or (lambda m: m)
         self.param_groups, self.on_rebuild = param_groups, on_rebuild
-        self.layouts = [lay for lay in explorer.layouts if not lay.narrowable]   # masked, full width
+        self._dense_layouts = [lay for lay in explorer.layouts if not lay.narrowable]   # kept full width, masked
         self.held: dict[str, torch.Tensor] = full_index(self.groups)
         self.compact = False
         self.rebuilds = 0
@@ -176,7 +176,7 @@ class PhysicalTraining:
         self._rebuild_optimizer(before, held, target, old_masks)
         self.held = {k: v.clone() for k, v in target.items()}
         self.compact = True
-        self._dense.build(self._modules(), self.layouts, self.explorer.masks)
+        self._dense.build(self._modules(), self._dense_layouts, self.explorer.masks)
         self._mask_dense_groups()
         self._repoint_and_wrap(step, count)
         return report
@@ -204,7 +204,7 @@ class PhysicalTraining:
         """``(parameter, live before, live after)`` per new parameter, in its own (compact) coordinates: a narrowed
         dim was live where its channel was held; a full-width (downsample) dim follows the explorer's masks."""
         narrow = channel_layout(self.groups)
-        dense = {(s.module, s.tensor, s.dim): lay.name for lay in self.layouts for s in lay.slices}
+        dense = {(s.module, s.tensor, s.dim): lay.name for lay in self._dense_layouts for s in lay.slices}
         out = []
         for key, p in params.items():
             mname, _, attr = key.rpartition(".")
@@ -241,5 +241,5 @@ class PhysicalTraining:
     def _mask_dense_groups(self) -> None:
         """Per-step masking of the full-width downsample groups (the only masking left in compact mode)."""
         if not self._dense.is_current():
-            self._dense.build(self._modules(), self.layouts, self.explorer.masks)
+            self._dense.build(self._modules(), self._dense_layouts, self.explorer.masks)
         self._dense.apply(self.optimizer)
