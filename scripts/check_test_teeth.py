@@ -101,6 +101,11 @@ MUTANTS = [
            (("            v.masked_fill_(regrown, v[stay].mean())", "            v.masked_fill_(regrown, v.mean())"),),
            ("tests/test_physical_parts.py::test_compact_and_masked_adam_give_regrown_channels_the_same_state",
             "tests/test_physical_parts.py::test_fill_regrown_second_moments_touches_only_regrown_entries")),
+    Mutant("compact-fill-skipped", "compact training gives regrown channels the masked mode's Adam state",
+           "chex_core/physical/training.py",
+           (("        fill_regrown_second_moments(self.optimizer, self._liveness_changes(", "        (("),),
+           ("tests/test_physical_parts.py::test_compact_and_masked_adam_give_regrown_channels_the_same_state",
+            "tests/test_physical.py::test_optimizer_state_transplanted_by_index")),
     Mutant("optimizer-state-not-masked", "pruned channels' momentum stays exactly zero", "chex_core/masking.py",
            (("            torch._foreach_mul_(self._data, self._mults)\n        mask_optimizer_state(optimizer, "
              "self.pairs)", "            torch._foreach_mul_(self._data, self._mults)"),),
