@@ -166,7 +166,9 @@ def test_upstream_evaluation_command_on_released_format(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = last_json(proc.stdout)
     assert "top-1" in proc.stdout and "top-5" in proc.stdout
-    assert rep["image_size"] == 224 and 0.0 <= rep["top1"] <= 100.0
+    assert rep["image_size"] == 224
+    correct = rep["top1"] * N_CLASSES / 100            # one validation image per class: whole images only
+    assert correct == pytest.approx(round(correct), abs=1e-6) and round(correct) <= N_CLASSES, rep["top1"]
     assert rep["dense_macs"] == pytest.approx(4.089e9, rel=0.01)  # ResNet-50 at 224: the paper's 4.1G
     assert rep["macs"] == count_macs(model, (3, 224, 224))
     assert rep["compact_macs"] == pytest.approx(rep["macs"], rel=1e-6)

@@ -159,6 +159,21 @@ def assert_same_training_state(a: dict, b: dict, keys=STATE_KEYS) -> None:
     assert not diffs, f"{len(diffs)} differences, e.g. {diffs[:6]}"
 
 
+# --------------------------------------------------------------------------------------------------- T6
+def test_missing_resume_path_is_one_line_and_exit_2(tmp_path):
+    """T6: ``--resume PATH`` naming no file is a user error from the real CLI: exit 2, one stderr line naming
+    ``--resume`` and the path, nothing written."""
+    ws = tmp_path / "ws"
+    missing = tmp_path / "no" / "such" / "checkpoint.pth"
+    proc = subprocess.run([sys.executable, str(REPO / "CLS" / "main.py"), *CLS_ARGS, "--epochs", "1",
+                           "--workspace", str(ws), "--resume", str(missing)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--resume" in lines[0] and str(missing) in lines[0], proc.stderr
+    assert not ws.exists() or not any(ws.iterdir())
+
+
 # --------------------------------------------------------------------------------------------------- T1/T2/T3
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
