@@ -46,7 +46,7 @@ from chex_core import ChannelExplorer, compact_model, count_macs, count_params, 
 from chex_core import distributed as dist_utils  # noqa: E402
 from chex_core.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, load_checkpoint,  # noqa: E402
                                   restore_rng_state, save_checkpoint, strip_prefix)
-from chex_core.cli import add_chex_args, explorer_from_args, validate_chex_args  # noqa: E402
+from chex_core.cli import add_chex_args, explorer_from_args, groups_from_args, validate_chex_args  # noqa: E402
 from chex_core.engine import AmpConfig, NonFiniteLossError, TrainStep  # noqa: E402
 from chex_core.physical import PhysicalTraining, ddp_wrapper  # noqa: E402
 from chex_tasks.progress import TensorBoardWriter, args_to_dict, progress, progress_enabled, save_args  # noqa: E402
@@ -222,13 +222,15 @@ def _m(params: float) -> str:
     return f"{params / 1e6:.3f}M"
 
 
-def model_report(model: nn.Module, arch: str, num_classes: int, cifar_stem: bool, image_size: int) -> dict:
+def model_report(model: nn.Module, arch: str, num_classes: int, cifar_stem: bool, image_size: int,
+                 residual: bool = False) -> dict:
     """FLOPs (MACs, the paper's convention: conv + fc, batch 1, zero-aware) and params of ``model`` next to the
-    dense architecture's, and of its compact version (channels whose γ and β are zero removed)."""
+    dense architecture's, and of its compact version (channels whose γ and β are zero removed; with ``residual``
+    also residual-stream channels whose γ and β are zero in every norm of the stream)."""
     size = (3, image_size, image_size)
     dense_macs = cls_model.dense_macs_of(arch, num_classes, cifar_stem, image_size)
     dense_params = count_params(cls_model.build_model(arch, num_classes, cifar_stem=cifar_stem), zero_aware=False)
-    groups = resnet_groups(model)
+    groups = resnet_groups(model, residual=residual)
     small, spec = compact_model(model, groups, cls_model.masks_from_zeros(model, groups))
     rep = {"image_size": image_size, "macs": count_macs(model, size), "dense_macs": dense_macs,
            "params_nonzero": count_params(model), "dense_params": dense_params,
@@ -474,7 +476,7 @@ def prepare_training(args, model, loaders, amp, info, accumulation, bar) -> Job:
         args.lr_schedule, warmup_steps=steps_per_epoch * args.warmup, total_steps=steps_per_epoch * args.epochs,
         steps_per_epoch=steps_per_epoch, step_epochs=tuple(args.lr_steps), step_gamma=args.lr_decay))
     scaler = amp.make_scaler()
-    groups = resnet_groups(model, include_downsample=args.chex_prune_downsample)
+    groups = groups_from_args(args, model)
     explorer = explorer_from_args(args, model, groups, steps_per_unit=steps_per_epoch)
     if args.grow_prune and args.T_max > args.epochs:
         log.warning("--T_max %d > --epochs %d: the final sparsity %.2f is reached only at epoch %d, after training "
@@ -694,7 +696,8 @@ def finish(job: Job, val: dict) -> dict:
     if args.training_only:
         val = evaluate_synced(net, loaders.val, device, job.amp, job.bar)
     cval = training.evaluate(small, loaders.val, device, job.amp, progress=job.bar)
-    rep = model_report(net, args.arch, loaders.num_classes, args.cifar_stem, loaders.image_size)
+    rep = model_report(net, args.arch, loaders.num_classes, args.cifar_stem, loaders.image_size,
+                       residual=args.chex_residual)
     rep["compact_macs"] = count_macs(small, job.input_size, zero_aware=False)
     rep["compact_params"] = count_params(small, zero_aware=False)
     rep["compact_macs_reduction_pct"] = cls_model.reduction(rep["compact_macs"], rep["dense_macs"])
@@ -733,7 +736,7 @@ def run_evaluation(args, model, loaders, amp, device, bar, info) -> int:
              val["loss"], time.perf_counter() - t0)
     if info.is_main:
         rep = model_report(dist_utils.unwrap_model(model), args.arch, loaders.num_classes, args.cifar_stem,
-                           loaders.image_size)
+                           loaders.image_size, residual=args.chex_residual)
         log_model_report(rep, "evaluated model")
         print(json.dumps(_finite({"top1": val["top1"], "top5": val["top5"], "loss": val["loss"], "n": val["n"],
                                   **rep})), flush=True)

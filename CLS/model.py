@@ -112,14 +112,17 @@ def _load_allowing_numpy_scalars(path: str):
 
 
 def width_spec_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
-    """The compact width spec implied by ``state_dict``'s producer shapes, or None when it is full width."""
+    """The compact width spec implied by ``state_dict``'s producer shapes, or None when it is full width. Residual
+    streams (``--chex-residual``) appear in it only when narrowed."""
     spec, narrowed = {}, False
-    for g in resnet_groups(model):
+    for g in resnet_groups(model, residual=True):
         w = state_dict.get(f"{g.producer}.weight")
         if w is None:
             return None  # let the key check report what is missing
-        spec[g.producer] = int(w.shape[0])
-        narrowed |= spec[g.producer] != g.size
+        width = int(w.shape[0])
+        if g.kind != "residual" or width != g.size:
+            spec[g.name] = width
+        narrowed |= width != g.size
     return spec if narrowed else None
 
 
@@ -133,7 +136,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, so
     """
     spec = dict(cfg) if isinstance(cfg, Mapping) else width_spec_from_state_dict(model, state_dict)
     if spec:
-        unknown = sorted(set(spec) - {g.producer for g in resnet_groups(model)})
+        unknown = sorted(set(spec) - {g.name for g in resnet_groups(model, residual=True)})
         if unknown:
             raise WeightsError(f"{source}: width spec names layers that --arch {arch} does not have "
                                f"({', '.join(unknown[:3])})")
@@ -147,15 +150,17 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, so
 
 def masks_from_zeros(model: nn.Module, groups) -> dict[str, torch.Tensor]:
     """Keep-masks of a masked dense model (e.g. an upstream released checkpoint): a channel is pruned when its
-    norm γ and β are both exactly zero, which makes its output identically zero whatever the conv computes.
+    norm γ and β are both exactly zero (in every norm of a residual group), which makes its output identically zero
+    whatever the convs compute.
 
     At least one channel is kept per group so the compact model stays a valid network.
     """
     named = dict(model.named_modules())
     masks = {}
     for g in groups:
-        norm = named[g.norm]
-        keep = (norm.weight.detach() != 0) | (norm.bias.detach() != 0)
+        keep = torch.zeros(g.size, dtype=torch.bool, device=named[g.norm].weight.device)
+        for n in g.norms:
+            keep |= (named[n].weight.detach() != 0) | (named[n].bias.detach() != 0)
         if not bool(keep.any()):
             keep[0] = True
         masks[g.name] = keep.cpu()

@@ -9,7 +9,8 @@ Run from ``DET/``. The upstream commands work verbatim:
 
 ``torchrun --nproc_per_node=N ./main.py ...`` works as well. Flags keep NVIDIA SSD's meaning: ``--warmup`` is
 in iterations, ``--multistep`` in epochs (×0.1 each), ``--bs`` per process, lr = 2.6e-3 × world × bs / 32.
-CHEX (``--grow_prune``; ``--delta_T``/``--T_max`` in epochs) prunes only the backbone, through ``chex_core``.
+CHEX (``--grow_prune``; ``--delta_T``/``--T_max`` in epochs) prunes only the backbone, through ``chex_core``
+(with ``--chex-residual`` also its residual stream, narrowing the heads that read layer3's output with it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if __package__ in (None, ""):  # run as a script from DET/ (upstream usage): mak
 import torch
 from torch import nn
 
-from chex_core import apply_width_spec, compact_model, resnet_groups
+from chex_core import apply_width_spec, compact_model
 from chex_core import checkpoint as ckpt_utils
 from chex_core import cli as chex_cli
 from chex_core import distributed as dist_utils
@@ -39,7 +40,7 @@ from chex_tasks.coco import format_metrics
 from DET.box_coder import BoxCoder, dboxes300_coco
 from DET.data import DataError, build_loaders
 from DET.evaluate import backbone_flops, evaluate
-from DET.model import (BACKBONES, SSD300, MultiBoxLoss, StateDictMismatch, load_pretrained_backbone,
+from DET.model import (BACKBONES, SSD300, MultiBoxLoss, StateDictMismatch, channel_groups, load_pretrained_backbone,
                        load_state_dict_checked, map_upstream_state_dict)
 
 logger = logging.getLogger("DET")
@@ -206,7 +207,9 @@ def build_model(args, num_classes: int, state: dict | None, ckpt: dict | None, w
     if ckpt is not None and ckpt.get("width_spec"):
         if ckpt.get("backbone", args.backbone) != args.backbone:
             raise StateDictMismatch(f"{what} was exported for --backbone {ckpt['backbone']}, not {args.backbone}")
-        apply_width_spec(model.backbone, ckpt["width_spec"])
+        # the spec names backbone groups (residual ones too after --chex-residual); the groups say which layers,
+        # heads included, each name narrows
+        apply_width_spec(model, ckpt["width_spec"], groups=channel_groups(model, residual=True))
     if state is not None:
         load_state_dict_checked(model, state, what)
     elif args.pretrained_backbone:
@@ -256,11 +259,11 @@ def export_compact(args, model: SSD300, groups, explorer, label_map: dict, phys=
     if explorer is None or not args.save or not dist_utils.is_main_process():
         return
     if phys is not None and phys.compact:      # trained compact already (--compact-training)
-        small_backbone, spec = copy.deepcopy(model.backbone), phys.width_spec()
+        compact, spec = copy.deepcopy(model), phys.width_spec()
     else:
-        small_backbone, spec = compact_model(model.backbone, groups, explorer.masks)
-    compact = copy.deepcopy(model).cpu()
-    compact.backbone = small_backbone.cpu()
+        compact, spec = compact_model(model, groups, explorer.masks)
+    compact = compact.cpu()
+    small_backbone = compact.backbone
     path = pathlib.Path(args.save) / "model_compact.pt"
     ckpt_utils.save_checkpoint({"model": compact.state_dict(), "width_spec": spec, "backbone": args.backbone,
                                 "label_map": label_map, "args": dict(vars(args))}, str(path))
@@ -354,8 +357,10 @@ def run_training(args, info, coder: BoxCoder) -> None:
     model = build_model(args, len(label_map) + 1, None if compact_resume else state, ckpt,
                         args.checkpoint or "").to(info.device)
     iters_per_epoch = min(len(loaders.train), args.max_iters_per_epoch or len(loaders.train))
-    groups = resnet_groups(model.backbone, include_downsample=args.chex_prune_downsample)
-    explorer = chex_cli.explorer_from_args(args, model.backbone, groups, steps_per_unit=iters_per_epoch)
+    # the explorer sees the whole SSD (groups found within its backbone), so residual groups reach the heads
+    groups = channel_groups(model, args.chex_prune_downsample, args.chex_residual)
+    explorer = chex_cli.explorer_from_args(args, model, groups, steps_per_unit=iters_per_epoch,
+                                           flops_within="backbone")
     lr = args.learning_rate * info.world_size * args.bs / 32
     optimizer = make_optimizer(model, lr, args.momentum, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -369,8 +374,8 @@ def run_training(args, info, coder: BoxCoder) -> None:
         def follow(p: PhysicalTraining) -> None:       # the loop and the checkpoint read the current objects
             ctx.update(ddp_model=p.train_model, optimizer=p.optimizer)
 
-        phys = PhysicalTraining(model.backbone, explorer, optimizer, mode=args.compact_training_mode,
-                                lr_scheduler=scheduler, root=model, on_rebuild=follow,
+        phys = PhysicalTraining(model, explorer, optimizer, mode=args.compact_training_mode,
+                                lr_scheduler=scheduler, on_rebuild=follow,
                                 wrap=ddp_wrapper(device_ids=[info.device.index] if info.device.type == "cuda"
                                                  else None) if info.distributed else None)
     start_epoch, iteration = resume(args, ckpt, optimizer, scheduler, scaler, explorer, phys)

@@ -3,7 +3,9 @@
 * ``SSD300.backbone``: torchvision ResNet (``weights=None``) truncated after ``layer3``, with layer3's
   stride set to 1 so its output stays at 38×38 for a 300×300 input. It keeps torchvision's module names
   (``conv1``, ``bn1``, ``layer1``…``layer3``), so ``chex_core.resnet_groups(model.backbone)`` finds its
-  Bottlenecks and torchvision/CLS ResNet state dicts load into it directly. CHEX prunes only this part.
+  Bottlenecks and torchvision/CLS ResNet state dicts load into it directly. CHEX prunes only this part
+  (:func:`channel_groups`); with ``--chex-residual`` its residual stream too, and the layers reading layer3's
+  output (:data:`HEAD_CONSUMERS`) narrow with it.
 * ``SSD300.additional_blocks``: five extra blocks giving the 19, 10, 5, 3, 1 feature maps.
 * ``SSD300.loc`` / ``SSD300.conf``: 3×3 heads; outputs flattened to ``(B, 4, 8732)`` / ``(B, C, 8732)``.
 * ``MultiBoxLoss``: smooth-L1 localisation + cross-entropy with 3:1 hard negative mining.
@@ -21,9 +23,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from chex_core import ChannelGroup, resnet_groups
 from chex_core.checkpoint import state_dict_problems
 
-__all__ = ["BACKBONES", "ResNetBackbone", "SSD300", "MultiBoxLoss", "map_upstream_state_dict",
+__all__ = ["BACKBONES", "HEAD_CONSUMERS", "ResNetBackbone", "SSD300", "MultiBoxLoss", "channel_groups",
+           "map_upstream_state_dict",
            "load_pretrained_backbone", "load_state_dict_checked", "StateDictMismatch"]
 
 #: backbone name → channels of layer3's output (the 38×38 feature map)
@@ -98,6 +102,19 @@ class SSD300(nn.Module):
         confs = torch.cat([head(f).view(f.shape[0], self.num_classes, -1) for head, f in zip(self.conf, features)],
                           dim=2)
         return locs, confs
+
+
+#: what reads the backbone's output (layer3's 38×38 map) outside the backbone: the first extra block and the first
+#: loc/conf heads. With residual groups these narrow with layer3's residual stream (names relative to SSD300).
+HEAD_CONSUMERS = {"layer3": ("additional_blocks.0.0", "loc.0", "conf.0")}
+
+
+def channel_groups(model: SSD300, include_downsample: bool = False, residual: bool = False) -> list[ChannelGroup]:
+    """CHEX channel groups of the SSD's backbone. Group names are relative to the backbone (as in explorer
+    checkpoints and width specs), module names to the whole ``model``: the explorer, compact export and compact
+    training are given the whole SSD, so a residual group can reach the heads that read the backbone's output."""
+    return resnet_groups(model, include_downsample, residual=residual, within="backbone",
+                         stage_consumers=HEAD_CONSUMERS if residual else None)
 
 
 class MultiBoxLoss(nn.Module):

@@ -162,12 +162,20 @@ def set_pixel_convention(model: MaskRCNN, upstream: bool) -> None:
     model.transform.image_std = list(UPSTREAM_PIXEL_STD if upstream else TORCHVISION_PIXEL_STD)
 
 
-def channel_groups(model: MaskRCNN, include_downsample: bool = False):
-    """CHEX channel groups of the backbone body (names relative to ``model.backbone.body``).
+#: the FPN's lateral 1×1 convs read the body's C2..C5 (stages layer1..layer4); with residual groups they narrow with
+#: their stage's residual stream (names relative to the Mask R-CNN)
+FPN_LATERALS = {f"layer{i + 1}": (f"backbone.fpn.inner_blocks.{i}.0",) for i in range(4)}
+
+
+def channel_groups(model: MaskRCNN, include_downsample: bool = False, residual: bool = False):
+    """CHEX channel groups of the backbone body. Group names are relative to ``model.backbone.body`` (as in explorer
+    checkpoints and ``body_spec``), module names to the whole ``model``: the explorer and compact export are given the
+    whole Mask R-CNN, so a residual group (``--chex-residual``) can reach the FPN laterals that read its stage.
 
     ``include_downsample`` also masks the shortcut convs (the released SEG code does; ``--chex-prune-downsample``).
     """
-    return resnet_groups(model.backbone.body, include_downsample=include_downsample)
+    return resnet_groups(model, include_downsample, residual=residual, within="backbone.body",
+                         stage_consumers=FPN_LATERALS if residual else None)
 
 
 def body_macs(model: MaskRCNN, zero_aware: bool = True, size: int = 224) -> int:
@@ -188,21 +196,25 @@ def dense_body_macs(stride_in_1x1: bool, size: int = 224) -> int:
     return int(count_macs(trunk, (3, size, size), zero_aware=False))
 
 
-def compact_body(model: MaskRCNN, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, int]]:
-    """Physically slice the masked body. Only for BN bodies.
+def compact_maskrcnn(model: MaskRCNN, groups, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, int]]:
+    """A physically sliced copy of the masked Mask R-CNN (its body, and with residual groups the FPN laterals) and
+    its width spec. Only for BN bodies.
 
     A GroupNorm body cannot be compacted exactly: GN statistics are taken over groups that include the zeroed
-    channels, and pruned widths are generally not divisible by 32 groups (ALGORITHM.md §5.3). So a GN model stays
-    dense with zeros (which is also what upstream released) and this raises ``ValueError``.
+    channels, and pruned widths are generally not divisible by 32 groups (docs/algorithm.md §7.1). So a GN model
+    stays dense with zeros (which is also what upstream released) and this raises ``ValueError``.
+
+    Args:
+        model: the masked model; left untouched.
+        groups: its channel groups (:func:`channel_groups`, as the explorer was built).
+        masks: group name → keep vector (``ChannelExplorer.masks``).
     """
-    body = model.backbone.body
-    if any(isinstance(m, nn.GroupNorm) for m in body.modules()):
+    if any(isinstance(m, nn.GroupNorm) for m in model.backbone.body.modules()):
         raise ValueError(
             "compact export is not possible for a GroupNorm body (GN statistics include the pruned channels and "
             "widths break the 32-group divisibility); train with --norm bn to export a compact model"
         )
-    with_downsample = any(name.endswith("downsample.0") for name in masks)
-    return compact_model(body, channel_groups(model, include_downsample=with_downsample), masks)
+    return compact_model(model, groups, masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +333,8 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
     """Load weights from one of our checkpoints (``model`` key) or a released upstream one (``model`` or bare).
 
     Returns ``"upstream"`` or ``"native"``; for upstream files the pixel convention is switched to upstream's.
-    A compact checkpoint (``body_spec`` key) rebuilds the body to those widths first.
+    A compact checkpoint (``body_spec`` key) rebuilds the body (and the FPN laterals of narrowed residual streams)
+    to those widths first.
     Raises ``CheckpointMismatchError`` with the offending names on any mismatch.
     """
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
@@ -332,7 +345,7 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
         set_pixel_convention(model, upstream=True)
         return "upstream"
     if checkpoint.get("body_spec"):
-        apply_width_spec(model.backbone.body, dict(checkpoint["body_spec"]))
+        apply_width_spec(model, dict(checkpoint["body_spec"]), groups=channel_groups(model, residual=True))
     state = strip_prefix(state)
     try:
         result = model.load_state_dict(state, strict=strict)

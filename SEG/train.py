@@ -33,7 +33,7 @@ from chex_tasks.progress import TensorBoardWriter, args_to_dict, save_args
 from .data import CocoInstances, DataError, GroupedInfiniteBatchSampler, aspect_ratio_groups, collate, split_paths
 from .evaluate import evaluate_results, format_report, predict
 from .model import (NORMS, CheckpointMismatchError, SamplingConfig, body_macs, build_maskrcnn, channel_groups,
-                    compact_body, dense_body_macs, is_upstream_state_dict, load_model_weights)
+                    compact_maskrcnn, dense_body_macs, is_upstream_state_dict, load_model_weights)
 
 logger = logging.getLogger("SEG.train")
 
@@ -305,8 +305,11 @@ def build_training(args: argparse.Namespace, num_classes: int, device: torch.dev
         optimizer, WarmupMultiStep(args.steps, args.gamma, args.warmup_iters, args.warmup_factor))
     scaler = AmpConfig(enabled=args.amp, device_type=device.type).make_scaler()
     # CHEX prunes the ResNet body only; ΔT and T_max are iterations, so one unit = one optimizer step.
-    groups = channel_groups(model, include_downsample=args.chex_prune_downsample)
-    explorer = chex_cli.explorer_from_args(args, model.backbone.body, groups, steps_per_unit=1, parser=parser)
+    # the explorer sees the whole Mask R-CNN (groups found within its body): residual groups reach the FPN laterals;
+    # --target-flops counts the body's MACs, the paper's convention
+    groups = channel_groups(model, args.chex_prune_downsample, args.chex_residual)
+    explorer = chex_cli.explorer_from_args(args, model, groups, steps_per_unit=1, parser=parser,
+                                           flops_within="backbone.body")
     return TrainState(model, optimizer, scheduler, scaler, explorer)
 
 
@@ -385,27 +388,20 @@ def train_loop(state: TrainState, loader: DataLoader, manager: CheckpointManager
 
 
 def export_compact(model, explorer, args) -> None:
-    """Write the physically pruned model (BN bodies only; a GN body stays dense with zeros, see compact_body)."""
+    """Write the physically pruned model (BN bodies only; a GN body stays dense with zeros, see compact_maskrcnn)."""
     if explorer is None or not distributed.is_main_process():
         return
     if args.norm == "gn":
         logger.info("GroupNorm body: no compact export (GN statistics include pruned channels); "
                     "%s is the dense masked model", FINAL_NAME)
         return
-    was_training = model.training
-    model.eval()
-    body, spec = compact_body(model, explorer.masks)
-    model.train(was_training)
-    dense_body = model.backbone.body
-    model.backbone.body = body
-    try:
-        sd = model.state_dict()
-    finally:
-        model.backbone.body = dense_body
-    compact = {"model": sd, "body_spec": dict(spec), "iteration": args.max_iter, "args": args_to_dict(args)}
+    small, spec = compact_maskrcnn(model, explorer.groups, explorer.masks)
+    compact = {"model": small.state_dict(), "body_spec": dict(spec), "iteration": args.max_iter,
+               "args": args_to_dict(args)}
     path = save_checkpoint(compact, str(Path(args.output_dir) / COMPACT_NAME))
-    logger.info("compact export: %s (%d of %d body params)", path, sum(p.numel() for p in body.parameters()),
-                sum(p.numel() for p in dense_body.parameters()))
+    logger.info("compact export: %s (%d of %d body params)", path,
+                sum(p.numel() for p in small.backbone.body.parameters()),
+                sum(p.numel() for p in model.backbone.body.parameters()))
 
 
 def main(argv=None) -> int:

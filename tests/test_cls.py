@@ -205,6 +205,34 @@ def test_resume_auto_continues_exploration(tmp_path):
     assert (ws / "compact.pth").is_file()
 
 
+def test_residual_flag_reaches_a_budget_internal_groups_cannot_and_exports_it(tmp_path):
+    """--chex-residual end to end: a --target-flops below what block-internal pruning can reach (ResNet-18 with
+    every internal layer at one channel keeps 8.3 % of the MACs) is met, and compact.pth, rebuilt from its cfg,
+    computes what the masked model computes."""
+    from chex_core import count_macs
+    from CLS import model as cls_model
+
+    ws = tmp_path / "ws"
+    argv = ["--data-backend", "synthetic", "--synthetic-samples", "16", "--num-classes", "4", "--image-size", "32",
+            "--arch", "resnet18", "-b", "8", "-j", "0", "--epochs", "2", "--lr", "0.05", "--workspace", str(ws),
+            "--grow_prune", "--delta_T", "1", "--T_max", "2", "--target-flops", "0.05", "--init_channel_ratio",
+            "0.02", "--seed", "1", "--no-tensorboard", "-p", "0", "--training-only", "--chex-residual"]
+    torch.set_num_threads(1)
+    assert _main(argv) == 0
+    masked = cls_model.build_model("resnet18", 4)
+    masked.load_state_dict(torch.load(ws / "checkpoint_000002.pth", weights_only=True)["state_dict"])
+    compact = torch.load(ws / "compact.pth", weights_only=True)
+    assert {"layer1.residual", "layer4.residual"} <= set(compact["cfg"])
+    small = cls_model.load_weights(cls_model.build_model("resnet18", 4), compact["state_dict"], source="compact.pth",
+                                   arch="resnet18", cfg=compact["cfg"])
+    assert small.fc.in_features == compact["cfg"]["layer4.residual"] < 512
+    dense_macs = cls_model.dense_macs_of("resnet18", 4, False, 224)
+    assert count_macs(small, (3, 224, 224), zero_aware=False) <= 0.05 * dense_macs
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(small.double().eval()(x), masked.double().eval()(x), rtol=0, atol=1e-10)
+
+
 def test_digits_backend_is_real_and_fixed():
     from CLS.data import build_loaders
 

@@ -1,5 +1,6 @@
 """DET: SSD300 default boxes, box coding, loss, data, checkpoints mapping, CLI, and the upstream commands end to end."""
 
+import argparse
 import os
 import pathlib
 import shutil
@@ -337,3 +338,28 @@ def test_compact_training_trains_resumes_and_exports(tiny_coco, tmp_path):
     assert torch.load(tmp_path / "epoch_3.pt", weights_only=True)["iteration"] == 4
     assert det_main.main(["--backbone", "resnet18", "--mode", "evaluation", "--data", str(tiny_coco),
                           "--checkpoint", str(tmp_path / "model_compact.pt"), "--num-workers", "0"]) == 0
+
+
+def test_residual_flag_narrows_the_heads_and_the_export_equals_the_masked_model(tiny_coco, tmp_path):
+    """--chex-residual: layer3's residual stream is explored with the layers that read it outside the backbone (the
+    first extra block and the first loc/conf heads); model_compact.pt, rebuilt from its width_spec by --mode
+    evaluation's loader, computes what the masked model computes."""
+    argv = ["--backbone", "resnet18", "--bs", "2", "--data", str(tiny_coco), "--multistep", "10", "--warmup", "2",
+            "--grow_prune", "--channel_sparsity", "0.5", "--init_channel_ratio", "0.2", "--delta_T", "1",
+            "--T_max", "2", "--save", str(tmp_path), "--max-iters-per-epoch", "1", "--num-workers", "0",
+            "--eval-on-epochs", "99", "--chex-residual", "--epoch", "2", "--seed", "3"]
+    torch.set_num_threads(1)
+    assert det_main.main(argv) == 0
+    masked = SSD300("resnet18", num_classes=4)
+    masked.load_state_dict(torch.load(tmp_path / "epoch_1.pt", weights_only=True)["model"])
+    ckpt = ckpt_utils.load_checkpoint(str(tmp_path / "model_compact.pt"))
+    assert {"layer1.residual", "layer3.residual"} <= set(ckpt["width_spec"])
+    small = det_main.build_model(argparse.Namespace(backbone="resnet18", pretrained_backbone=None), 4,
+                                 ckpt["model"], ckpt, "model_compact.pt")
+    width = ckpt["width_spec"]["layer3.residual"]
+    assert small.loc[0].in_channels == small.conf[0].in_channels == small.additional_blocks[0][0].in_channels \
+        == width < 256
+    x = torch.randn(1, 3, 300, 300, dtype=torch.float64)
+    with torch.no_grad():
+        for a, b in zip(small.double().eval()(x), masked.double().eval()(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

@@ -1,7 +1,6 @@
 """SEG: Mask R-CNN R-50-FPN + CHEX on COCO2014-layout data (CPU, tiny synthetic set)."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ from SEG.data import (CocoInstances, DataError, GroupedInfiniteBatchSampler, asp
                       hflip, split_paths)
 from SEG.evaluate import evaluate_results, outputs_to_coco, target_as_output  # noqa: E402
 from SEG.model import (UPSTREAM_PIXEL_MEAN, CheckpointMismatchError, build_maskrcnn, channel_groups,  # noqa: E402
-                       compact_body, load_model_weights, to_upstream_names)
+                       compact_maskrcnn, load_model_weights, to_upstream_names)
 
 # pycocotools' RLE decoding trips a numpy-2 DeprecationWarning on every mask; it is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -127,7 +126,7 @@ def _masked_bn_model(sparsity: float = 0.5) -> tuple[torch.nn.Module, ChannelExp
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     schedule = ExplorationSchedule(interval=1, t_max=1, sparsity=sparsity, delta0=0.0)
-    explorer = ChannelExplorer(model.backbone.body, channel_groups(model, include_downsample=True), schedule,
+    explorer = ChannelExplorer(model, channel_groups(model, include_downsample=True), schedule,
                                allocation="uniform", criterion="l1")
     explorer.start()
     return model.eval(), explorer
@@ -137,8 +136,8 @@ def test_compact_body_equals_masked_bn_and_gn_is_rejected(tmp_path):
     model, explorer = _masked_bn_model()
     assert explorer.density() == pytest.approx(0.5, abs=0.01)
     x = torch.randn(1, 3, 64, 64)
-    body, spec = compact_body(model, explorer.masks)
-    body.eval()
+    small, spec = compact_maskrcnn(model, explorer.groups, explorer.masks)
+    body = small.backbone.body.eval()
     with torch.no_grad():
         masked, compact = model.backbone.body(x), body(x)
     assert list(masked) == list(compact)
@@ -146,16 +145,15 @@ def test_compact_body_equals_masked_bn_and_gn_is_rejected(tmp_path):
         torch.testing.assert_close(compact[key], masked[key], rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in body.parameters()) < 0.8 * sum(p.numel() for p in model.backbone.body.parameters())
     # the compact checkpoint written by training rebuilds from its width spec and loads strictly
-    full = copy.deepcopy(model)
-    full.backbone.body = body
-    path = save_checkpoint({"model": full.state_dict(), "body_spec": spec}, str(tmp_path / "compact.pth"))
+    path = save_checkpoint({"model": small.state_dict(), "body_spec": spec}, str(tmp_path / "compact.pth"))
     fresh = build_maskrcnn(4, norm="bn", head_norm="none", min_size=64, max_size=64)
     assert load_model_weights(fresh, load_checkpoint(path)) == "native"
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval().backbone.body(x)["3"], masked["3"], rtol=1e-4, atol=1e-4)
     gn = build_maskrcnn(4, norm="gn", min_size=64, max_size=64)
     with pytest.raises(ValueError, match="GroupNorm"):
-        compact_body(gn, {g.name: torch.ones(g.size, dtype=torch.bool) for g in channel_groups(gn)})
+        compact_maskrcnn(gn, channel_groups(gn), {g.name: torch.ones(g.size, dtype=torch.bool)
+                                                  for g in channel_groups(gn)})
 
 
 def test_upstream_checkpoint_names_map_and_unmapped_keys_are_named(tmp_path):
@@ -269,6 +267,29 @@ def test_resume_keeps_explorer_state_and_corrupt_image_loses_nothing(tmp_path, c
         assert torch.equal(second["model"][key], value), key
     compact = load_checkpoint(str(out / "model_compact.pth"))
     assert compact["body_spec"] and min(compact["body_spec"].values()) >= 1
+
+
+def test_residual_flag_narrows_the_fpn_laterals_and_the_export_equals_the_masked_model(tmp_path, coco):
+    """--chex-residual: every body stage's residual stream is explored with the FPN lateral that reads it;
+    model_compact.pth, rebuilt from its body_spec, computes the masked model's features (C2..C5 through the FPN).
+    L1 selection and random regrowth keep the events cheap on the ResNet-50 body (the explorer's math is tested on
+    tiny models in tests/test_coupled.py)."""
+    out = tmp_path / "run"
+    assert seg_train.main(_train_argv(coco, out, 2, "--chex-residual", "--chex-criterion", "l1",
+                                      "--chex-regrow", "random", "--chex-allocation", "global")) == 0
+    masked, compact = (build_maskrcnn(4, norm="bn", head_norm="none", min_size=64, max_size=64) for _ in range(2))
+    load_model_weights(masked, load_checkpoint(str(out / "model_final.pth")))
+    spec = load_checkpoint(str(out / "model_compact.pth"))["body_spec"]
+    load_model_weights(compact, load_checkpoint(str(out / "model_compact.pth")))
+    assert {f"layer{i}.residual" for i in range(1, 5)} <= set(spec)
+    for i in range(4):
+        assert compact.backbone.fpn.inner_blocks[i][0].in_channels == spec[f"layer{i + 1}.residual"]
+    assert compact.backbone.fpn.inner_blocks[3][0].in_channels < 2048
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = compact.double().eval().backbone(x), masked.double().eval().backbone(x)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-9, msg=key)
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@
 #   CRITERION     CSS criterion: leverage (released) | qr | l1 (default leverage)
 #   REGROW        random (released SEG) | importance (paper) (default random)
 #   PRUNE_DOWNSAMPLE  1 = also mask the downsample convs, as the released SEG code does (default 1)
+#   RESIDUAL      1 = also explore the body's residual stream (--chex-residual; the FPN laterals narrow with it);
+#                 replaces PRUNE_DOWNSAMPLE, whose downsample convs become part of the residual groups (default 0)
 #   GROW_PRUNE    1 = CHEX on, 0 = dense baseline (default 1)
 #   NORM          backbone norm: gn (upstream) | bn | syncbn (default gn; compact export needs bn/syncbn)
 #   AMP           1 = mixed precision (default 1 with CUDA, as upstream's float16; 0 on CPU)
@@ -49,6 +51,7 @@ ALLOCATION="${ALLOCATION:-uniform}"
 CRITERION="${CRITERION:-leverage}"
 REGROW="${REGROW:-random}"
 PRUNE_DOWNSAMPLE="${PRUNE_DOWNSAMPLE:-1}"
+RESIDUAL="${RESIDUAL:-0}"
 GROW_PRUNE="${GROW_PRUNE:-1}"
 NORM="${NORM:-gn}"
 MIN_SIZE="${MIN_SIZE:-800}"
@@ -67,7 +70,11 @@ FLAGS=(--data-path "$DATA_DIR" --output-dir "$RESULTS" --batch-size $((IMS_PER_B
        --channel_sparsity "$SPARSITY" --init_channel_ratio "$DELTA0" --delta_T "$DELTA_T" --T_max "$T_MAX"
        --chex-allocation "$ALLOCATION" --chex-criterion "$CRITERION" --chex-regrow "$REGROW")
 [ "$GROW_PRUNE" = 1 ] && FLAGS+=(--grow_prune)
-[ "$PRUNE_DOWNSAMPLE" = 1 ] && FLAGS+=(--chex-prune-downsample)
+if [ "$RESIDUAL" = 1 ]; then
+    FLAGS+=(--chex-residual)
+elif [ "$PRUNE_DOWNSAMPLE" = 1 ]; then
+    FLAGS+=(--chex-prune-downsample)
+fi
 [ "$AMP" = 1 ] && FLAGS+=(--amp)
 
 mkdir -p "$RESULTS"
