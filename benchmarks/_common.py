@@ -2,8 +2,8 @@
 
 Nothing here prunes, regrows or allocates channels: those decisions stay in ``chex_core``. This module only *asks*
 ``chex_core`` what a given global sparsity would produce (``chex_core.allocate.keep_counts`` is the same function the
-explorer calls at an event) and measures the resulting MACs with ``chex_core.count_macs``, so a script can choose the
-sparsity that lands on a FLOPs budget.
+explorer calls at an event) and the resulting MACs (``chex_core.budget.MacsModel``, equal to ``chex_core.count_macs`` of
+the compact model), so a script can choose the sparsity that lands on a FLOPs budget.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from chex_core import ChannelExplorer, ChannelGroup, apply_width_spec, count_macs
+from chex_core import ChannelExplorer, ChannelGroup
+from chex_core.budget import MacsModel
 from chex_core.allocate import keep_counts, uniform_keep_counts
 
 log = logging.getLogger(__name__)
@@ -49,29 +50,26 @@ def machine_info() -> dict:
 class WidthMacs:
     """MACs (``chex_core.count_macs``, paper convention) of ``model`` rebuilt to a width per group.
 
-    The widths are applied to a fresh deep copy with ``chex_core.apply_width_spec``, so the count is that of the
-    physically smaller network; it equals ``count_macs`` of the masked dense model with those widths (downsample
-    groups are never narrowed by ``compact_model`` and are not passed here).
+    Computed analytically by ``chex_core.budget.MacsModel`` (one probing forward, then a sum over the convs and the
+    classifier), which equals ``count_macs`` of the physically smaller network rebuilt with
+    ``chex_core.apply_width_spec`` and of the masked dense model with those widths (tests/test_budget.py,
+    tests/test_coupled.py); downsample-only groups are never narrowed by ``compact_model`` and are not counted here.
 
     Args:
         model: a dense model (left untouched).
-        groups: its inner channel groups (e.g. ``resnet_groups(model)``).
+        groups: its channel groups (e.g. ``resnet_groups(model)``, or ``resnet_groups(model, residual=True)``: the
+            residual streams narrow too); downsample-only groups are ignored.
         input_size: ``(C, H, W)`` of one image.
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], input_size: Sequence[int]) -> None:
-        self.template = copy.deepcopy(model).cpu().float()
         self.groups = [g for g in groups if g.kind != "downsample"]
         self.input_size = tuple(input_size)
-        self.dense = count_macs(self.template, self.input_size, zero_aware=False)
-        self._cache: dict[tuple[int, ...], int] = {}
+        self._model = MacsModel(copy.deepcopy(model).cpu().float(), self.groups, self.input_size)
+        self.dense = self._model.dense()
 
     def __call__(self, widths: Sequence[int]) -> int:
-        key = tuple(int(w) for w in widths)
-        if key not in self._cache:
-            small = apply_width_spec(copy.deepcopy(self.template), {g.producer: w for g, w in zip(self.groups, key)})
-            self._cache[key] = count_macs(small, self.input_size, zero_aware=False)
-        return self._cache[key]
+        return self._model.macs({g.name: int(w) for g, w in zip(self.groups, widths)})
 
 
 def bisect_sparsity(widths_for: Callable[[float], Sequence[int]], macs_of: Callable[[Sequence[int]], int],
@@ -112,7 +110,7 @@ def retarget_explorer(explorer: ChannelExplorer, macs_of: WidthMacs, target: flo
     schedule's ``sparsity`` field changes (δ0, ΔT and T_max stay); S never drops below δ0 (the schedule requires it).
     """
     ex = explorer
-    gammas = [ex.model.get_submodule(g.norm).weight.detach().cpu() * ex.masks[g.name] for g in ex.groups]
+    gammas = [t.detach().cpu() for t in ex.importances()]     # |γ|·mask; a residual group's mean |γ| over its norms
 
     def widths_for(s: float) -> list[int]:
         return keep_counts(ex.allocation, gammas, s, ex.min_channels)

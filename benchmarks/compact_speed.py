@@ -19,6 +19,9 @@ How the compact models are made (no ImageNet and no downloads here, so the width
   Caveat: on random data γ barely moves in a few steps, so the global allocation mostly follows the explorer's
   random-init starting point and CSS choices — the widths are real CHEX masks at the right budget, but not the
   per-layer widths an ImageNet-trained CHEX run would pick. Latency depends on those widths.
+  5. With ``--residual`` (default on) every budget is also explored with the residual streams as coupled groups
+     (``--chex-residual``, docs/algorithm.md §2.1): row ``chex-res-<budget>``, same budget, same procedure, so the two
+     kinds of compact model are timed side by side at equal MACs.
 
 What is measured, side by side (every model in every round, rounds interleaved so machine-load drift hits all models
 alike; the speed-up is the dense model's median time over the compact one's, both from this run):
@@ -61,15 +64,17 @@ _MASK_INFO = ("sparsity_initial", "sparsity_final", "events", "masked_macs", "ma
               "width_spec")
 
 
-def chex_masks(arch: str, budget_macs: float, args: argparse.Namespace) -> tuple[nn.Module, list, dict, dict]:
-    """Short CHEX run on random data that lands on ``budget_macs`` (see the module docstring, steps 1–3).
+def chex_masks(arch: str, budget_macs: float, args: argparse.Namespace,
+               residual: bool = False) -> tuple[nn.Module, list, dict, dict]:
+    """Short CHEX run on random data that lands on ``budget_macs`` (see the module docstring, steps 1–3); with
+    ``residual`` the residual streams are explored too (``resnet_groups(model, residual=True)``).
 
     Returns:
         (masked dense model in eval mode, groups, masks, info) — info holds S, events, achieved MACs.
     """
     torch.manual_seed(args.seed)
     model = getattr(torchvision.models, arch)(weights=None)
-    groups = resnet_groups(model)
+    groups = resnet_groups(model, residual=residual)
     macs_of = WidthMacs(model, groups, FLOPS_SIZE)
     s0, _ = bisect_sparsity(lambda s: uniform_widths(groups, s), macs_of, budget_macs)
     k = args.mask_steps_per_event
@@ -196,7 +201,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wall: elapsed time; cpu: this process's CPU time with 1 torch thread, a load-independent "
                         "compute cost for a shared machine (CPU only; default wall)")
     p.add_argument("--widths-from", type=Path, default=None,
-                   help="reuse the CHEX width specs saved in this compact_speed JSON instead of a new mask run")
+                   help="reuse the CHEX width specs saved in this compact_speed JSON instead of a new mask run (rows "
+                        "it lacks, e.g. the residual ones of an older file, get a mask run)")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="also explore each budget with the residual streams as coupled groups (--chex-residual) "
+                        "and time that model beside the internal-only one (default: on)")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="also time each CHEX model with every pruned width rounded up to a multiple of N (the "
                         "--round-to training option's effect; default 1 = off)")
@@ -247,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--widths-from: {args.widths_from} is not a compact_speed JSON")
         if arch != args.arch:
             p.error(f"--widths-from: {args.widths_from} holds {arch} widths, not --arch {args.arch}")
-        missing = [f"chex-{b:g}G" for b in args.budgets if f"chex-{b:g}G" not in args.reused]
+        missing = [f"chex-{b:g}G" for b in args.budgets if f"chex-{b:g}G" not in args.reused]   # residual: mask run
         if missing:
             p.error(f"--widths-from: {args.widths_from} has no {missing} (has {sorted(args.reused)})")
     return args
@@ -266,15 +275,16 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     dense = getattr(torchvision.models, args.arch)(weights=None).eval()
     models, info = {"dense": dense}, {"dense": {}}
-    for b in args.budgets:
+    jobs = [(b, res) for b in args.budgets for res in ((False, True) if args.residual else (False,))]
+    for b, residual in jobs:
         t = time.perf_counter()
-        name = f"chex-{b:g}G"
-        if args.widths_from:
+        name = f"chex-{'res-' if residual else ''}{b:g}G"
+        if name in args.reused:
             minfo = {k: v for k, v in args.reused[name].items() if k in _MASK_INFO}
-            spec, groups = minfo["width_spec"], resnet_groups(dense)
+            spec, groups = minfo["width_spec"], resnet_groups(dense, residual=residual)
             minfo["widths_from"] = str(args.widths_from)
         else:
-            masked, groups, masks, minfo = chex_masks(args.arch, b * 1e9, args)
+            masked, groups, masks, minfo = chex_masks(args.arch, b * 1e9, args, residual)
             small, spec = compact_model(masked, groups, masks)
             small.eval()
             x = torch.randn(2, 3, args.mask_image_size, args.mask_image_size)
@@ -286,15 +296,18 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(args.seed)
         small = apply_width_spec(getattr(torchvision.models, args.arch)(weights=None), spec).eval()
         minfo["compact_macs"] = count_macs(small, FLOPS_SIZE)
+        inner = {g.name: g.size for g in groups if g.kind == "inner"}
         minfo["keep_fraction_per_stage"] = {
-            stage: round(sum(w for n, w in spec.items() if n.startswith(stage)) /
-                         sum(g.size for g in groups if g.producer.startswith(stage) and g.kind == "inner"), 3)
+            stage: round(sum(w for n, w in spec.items() if n in inner and n.startswith(stage)) /
+                         sum(size for n, size in inner.items() if n.startswith(stage)), 3)
             for stage in ("layer1", "layer2", "layer3", "layer4")}
+        minfo["keep_fraction_residual"] = {g.name: round(spec[g.name] / g.size, 3) for g in groups
+                                           if g.kind == "residual" and g.name in spec}
         minfo["width_spec"] = spec
         models[name], info[name] = small, minfo
         if args.round_to > 1:
             # the same widths rounded up to multiples of N (what --round-to N would have kept), capped at dense
-            sizes = {g.producer: g.size for g in groups if g.kind == "inner"}
+            sizes = {g.name: g.size for g in groups if g.kind != "downsample"}
             rspec = {n: min(sizes[n], -(-w // args.round_to) * args.round_to) for n, w in spec.items()}
             torch.manual_seed(args.seed)
             rsmall = apply_width_spec(getattr(torchvision.models, args.arch)(weights=None), rspec).eval()
@@ -303,9 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
             info[rname] = {**minfo, "width_spec": rspec, "round_to": args.round_to,
                            "compact_macs": count_macs(rsmall, FLOPS_SIZE)}
         log.info("%s: S %.3f → %.3f, %d events, MACs %.3f G (%+.2f %% vs budget), compact vs masked rel. err %.1e, "
-                 "keep per stage %s (%.0f s)", name, minfo["sparsity_initial"], minfo["sparsity_final"],
-                 minfo["events"], minfo["compact_macs"] / 1e9, 100 * minfo["macs_error"],
-                 minfo["compact_vs_masked_rel_err"], minfo["keep_fraction_per_stage"], time.perf_counter() - t)
+                 "keep per stage %s, residual %s (%.0f s)", name, minfo["sparsity_initial"],
+                 minfo["sparsity_final"], minfo["events"], minfo["compact_macs"] / 1e9, 100 * minfo["macs_error"],
+                 minfo["compact_vs_masked_rel_err"], minfo["keep_fraction_per_stage"],
+                 minfo["keep_fraction_residual"], time.perf_counter() - t)
         if abs(minfo["macs_error"]) > args.flops_tol:
             log.warning("%s misses its budget by %+.2f %% (tolerance %.0f %%)", name, 100 * minfo["macs_error"],
                         100 * args.flops_tol)
