@@ -128,6 +128,30 @@ def test_dead_residual_channels_stay_zero_in_every_slot_and_in_the_stream(arch):
         assert out[:, dead].count_nonzero() == 0 and out[:, ~dead].count_nonzero() > 0, stage
 
 
+# ------------------------------------------------------------------------------------------------------ decisions
+def test_importance_is_the_mean_gamma_and_css_reads_every_producer():
+    """The global ranking sees one importance per stream channel, the mean |γ| over the stream's norms (docs/
+    algorithm.md §2.1); CSS reads the producers side by side, each at unit Frobenius norm; an internal group reads its
+    producer's weight itself, as before."""
+    model = tiny_basic()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1, 1)
+    ex = explorer(model)
+    ex.start()
+    imps = dict(zip(ex.masks, ex.importances()))
+    g = next(g for g in ex.groups if g.name == "layer2.residual")
+    gammas = torch.stack([model.get_submodule(n).weight.detach().abs() for n in g.norms])
+    torch.testing.assert_close(imps[g.name], gammas.mean(0) * ex.masks[g.name], rtol=0, atol=0)
+    assert torch.equal(imps["layer1.0.conv1"], model.layer1[0].bn1.weight.detach() * ex.masks["layer1.0.conv1"])
+    assert ex.channel_weight("layer1.0.conv1").data_ptr() == model.layer1[0].conv1.weight.data_ptr()
+    x = ex.channel_weight(g.name)
+    blocks = [model.get_submodule(p).weight.detach().flatten(1) for p in g.producers]
+    assert x.shape == (16, sum(b.shape[1] for b in blocks))
+    torch.testing.assert_close(x, torch.cat([b.double() / b.double().norm() for b in blocks], dim=1))
+
+
 # ------------------------------------------------------------------------------------------------------ compact
 @pytest.mark.parametrize("arch", ["basic", "bottleneck"])
 def test_compact_equals_masked_in_float64_and_rebuilds_from_its_spec(arch):
