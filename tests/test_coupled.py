@@ -188,6 +188,19 @@ def test_residual_groups_reach_budgets_internal_groups_cannot():
     assert sparsity_for_macs(coupled, target).achieved <= target
 
 
+def test_reach_table_of_choose_sparsity():
+    """scripts/choose_sparsity.py --reach (the README's reach table): internal-only ResNet-18 cannot go below 8.3 %
+    of its dense MACs; with residual groups every keep share reaches far less, and the floor is ~0.1 %."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import choose_sparsity
+
+    r = choose_sparsity.reach("resnet18")
+    assert r["internal"]["floor"] == pytest.approx(0.0830, abs=5e-4)
+    assert r["internal"]["keep"][0.5] == pytest.approx(0.538, abs=1e-3)
+    assert all(r["residual"]["keep"][k] < r["internal"]["keep"][k] / 2 for k in choose_sparsity.KEEP_SHARES)
+    assert r["residual"]["floor"] < 0.002
+
+
 @pytest.mark.parametrize("round_to", [1, 4])
 def test_budget_is_exact_with_and_without_round_to(round_to):
     """Channel budget: exactly N − ⌊N·S⌋ channels kept (round_to 1), widths multiples of round_to otherwise.
