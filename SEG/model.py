@@ -1,7 +1,9 @@
 """Mask R-CNN R-50-FPN with a trainable-norm backbone body, for CHEX on COCO2014.
 
 Built from torchvision parts (no vendored maskrcnn-benchmark). Only ``model.backbone.body`` (the ResNet-50 trunk)
-is pruned; the FPN and the heads stay dense, as in the released SEG code (ALGORITHM.md §2.3).
+is pruned; the FPN and the heads stay dense, as in the released SEG code (docs/algorithm.md §2). With
+``--chex-residual`` the body's residual streams are explored too, and the FPN's lateral 1×1 convs, which read them,
+narrow with them (:data:`FPN_LATERALS`, docs/algorithm.md §2.1).
 
 Upstream (zejiangh/Filter-GaP ``SEG/pytorch``, maskrcnn-benchmark) layout that this module can mirror:
 - GroupNorm(32) in the body, the FPN, the box head (fc6/fc7) and the mask head (``--norm gn --head-norm gn``);
