@@ -152,6 +152,24 @@ def test_importance_is_the_mean_gamma_and_css_reads_every_producer():
     torch.testing.assert_close(x, torch.cat([b.double() / b.double().norm() for b in blocks], dim=1))
 
 
+def test_zeroed_stream_channels_are_found_in_a_masked_checkpoint():
+    """CLS reports and scripts/export_compact.py compact a masked dense model by its zeros: a stream channel counts
+    as pruned only when γ and β are zero in every norm of the stream."""
+    from CLS import model as cls_model
+
+    model = tiny_basic()
+    ex = explorer(model)
+    ex.start()
+    found = cls_model.masks_from_zeros(model, ex.groups)
+    for name, mask in ex.masks.items():
+        assert torch.equal(found[name].cpu(), mask), name
+    stream = next(g for g in ex.groups if g.name == "layer2.residual")
+    with torch.no_grad():                    # one live norm is enough to keep a stream channel
+        dead = int((~ex.masks[stream.name]).nonzero()[0])
+        model.get_submodule(stream.norms[-1]).bias[dead] = 0.1
+    assert bool(cls_model.masks_from_zeros(model, ex.groups)["layer2.residual"][dead])
+
+
 # ------------------------------------------------------------------------------------------------------ compact
 @pytest.mark.parametrize("arch", ["basic", "bottleneck"])
 def test_compact_equals_masked_in_float64_and_rebuilds_from_its_spec(arch):
