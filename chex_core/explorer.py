@@ -206,9 +206,10 @@ class ChannelExplorer:
 
         One producer: its weight itself (so internal groups decide exactly as upstream). Several producers (a
         coupled residual group): their weights flattened to ``(C, C_in·k·k)``, each divided by its Frobenius norm,
-        side by side — the stacked channel matrix of docs/algorithm.md §2.1. Each producer is followed by its own norm
-        layer, so a conv's weight scale does not change what the network computes; normalising stops the producer
-        with the largest weights from deciding alone. ``restored``: pruned channels carry their MRU filters."""
+        side by side — the stacked channel matrix of docs/algorithm.md §2.1. Each producer is followed by its own
+        norm layer, so a conv's weight scale does not change what the network computes; normalising stops the
+        producer with the largest weights from deciding alone. ``restored``: pruned channels carry their MRU
+        filters."""
         lay = group if isinstance(group, GroupLayout) else self._layout_of[group]
         weights = self._producer_weights(lay, restored)
         if len(weights) == 1:

@@ -4,7 +4,7 @@ The *compact checkpoint* is the layout CLS/main.py writes as ``compact.pth``: a 
 ``torch.load(weights_only=True)`` and free of this project's classes, so it can be read anywhere torch exists::
 
     {"state_dict": {name: tensor},          # the physically smaller model (CPU tensors)
-     "cfg": {"layer1.0.conv1": 23, ...},     # width spec of chex_core.compact_model: producer conv → kept channels
+     "cfg": {"layer1.0.conv1": 23, ...},     # compact_model's width spec: group name → kept channels
      "arch": "resnet50", "num_classes": 1000, "cifar_stem": False, "image_size": 224}
 
 A user rebuilds it with ``CLS.model.build_model(arch, num_classes, cifar_stem=...)`` +
