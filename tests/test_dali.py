@@ -179,3 +179,16 @@ def test_empty_files_are_skipped_and_bounded(tmp_path):
     assert len(ld.train.samples) == 4
     with pytest.raises(cls_data.DataError, match="empty image files"):
         _loaders("dali-cpu", root, max_bad_images=0)
+
+
+def test_input_pipeline_benchmark_quick(tmp_path):
+    from benchmarks import input_pipeline
+
+    out = input_pipeline.main(["--quick", "--data", str(tmp_path / "jpegs"), "--out", str(tmp_path)])
+    rows = {(r["backend"], r["split"]): r for r in out["rows"]}
+    want = {"pytorch"} | ({"dali-cpu"} if NO_DALI is None else set())
+    assert {b for b, _ in rows} == want and {s for _, s in rows} == {"train", "val"}
+    for (b, s), r in rows.items():
+        assert r["images_per_epoch"] == (8 if s == "train" else 2) and r["images_per_cpu_s"] > 0
+    assert rows[("pytorch", "train")]["per_cpu_s_vs_pytorch"] == 1.0
+    assert (tmp_path / "input_pipeline_cpu_quick.md").exists()
