@@ -211,7 +211,6 @@ def train(args: argparse.Namespace) -> dict:
         ws = args.workdir / name
         cmd = cls_command(args, name, ws)
         print(f"[width_specs] {name}: {' '.join(cmd)}", flush=True)
-        t0 = time.time()
         with open(args.workdir / f"{name}.log", "a") as logf:
             rc = subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT).returncode
         if rc != 0:
@@ -224,7 +223,8 @@ def train(args: argparse.Namespace) -> dict:
                        "keep_fraction_per_stage": keep_per_stage(args.arch, spec),
                        "sparsity": raport.get("args", {}).get("channel_sparsity"), "compact_top1": final.get("compact_top1"),
                        "epochs": args.epochs, "image_size": args.image_size,
-                       "command": "python " + " ".join(shown), "wall_s": round(time.time() - t0)}
+                       "command": "python " + " ".join(shown),
+                       "train_time_s": round(sum(e.get("time_s", 0.0) for e in raport.get("epochs", [])))}
         print(f"[width_specs] {name}: {specs[name]['macs_224'] / 1e9:.3f} G MACs, keep per stage "
               f"{specs[name]['keep_fraction_per_stage']}, top-1 {specs[name]['compact_top1']}", flush=True)
         write_specs(args.out, args.arch, specs, prov)
