@@ -72,8 +72,11 @@ def test_amp_check_catches_a_broken_scaler():
     applied = json.loads(json.dumps(ok))
     applied["steps"][1].update(skipped=False, moved=True)
     applied["skipped_steps"] = 0
+    misplaced = json.loads(json.dumps(ok))                     # the count is right, the skipped step is not
+    misplaced["steps"][1]["skipped"], misplaced["steps"][2]["skipped"] = False, True
     assert any("static scale" in p for p in amp_paths.problems(drifted, cfg))
-    assert any("skipped" in p for p in amp_paths.problems(applied, cfg))
+    assert any("skipped steps counted" in p for p in amp_paths.problems(applied, cfg))
+    assert any(p.startswith("step 2: skipped=False") for p in amp_paths.problems(misplaced, cfg))
     silent = amp_paths.run_path(cfg, static=False, inject_at=None)
     assert amp_paths.problems(silent, cfg) == [] and silent["skipped_steps"] == 0
 
