@@ -198,7 +198,7 @@ def cls_command(args: argparse.Namespace, name: str, workspace: Path) -> list[st
             "--label-smoothing", "0.1", "-j", "0", "--seed", str(args.seed), "--grow_prune", "--delta_T", "1",
             "--T_max", str(t_max), "--channel_sparsity", "0.5", "--init_channel_ratio", str(delta0),
             "--target-flops", budget, "--compact-training", "--workspace", str(workspace), "--resume", "auto",
-            "--raport-file", "raport.json", "--no-progress", "-p", "50"]
+            "--raport-file", "raport.json", "--keep-checkpoints", "1", "--no-progress", "-p", "50"]
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -261,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS),
                    help="which budgets to train, in order (default: all four)")
     t.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet101"], help="network (default resnet50)")
-    t.add_argument("--epochs", type=int, default=20, help="epochs per budget (default 20; T_max = 0.72 x epochs)")
-    t.add_argument("--image-size", type=int, default=48, help="training resolution in pixels (default 48)")
+    t.add_argument("--epochs", type=int, default=12, help="epochs per budget (default 12; T_max = 0.72 x epochs)")
+    t.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (default 32; the digits are 8x8)")
     t.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     t.add_argument("--lr", type=float, default=0.2, help="peak learning rate (default 0.2)")
     t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
