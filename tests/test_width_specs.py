@@ -88,3 +88,18 @@ def test_train_runs_cls_with_a_flops_target_per_budget(tmp_path):
     flag = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("-")}
     assert flag["--target-flops"] == "0.8G" and flag["--data-backend"] == "digits" and "--grow_prune" in cmd
     assert flag["--T_max"] == "22" and flag["--epochs"] == "30" and flag["--resume"] == "auto"
+
+
+def test_committed_widths_come_from_chex_training_and_meet_their_budgets():
+    data = width_specs.load_specs(width_specs.DEFAULT_FILE)
+    assert data["arch"] == "resnet50"
+    assert {"chex-3G", "chex-2G", "chex-1G", "chex-0.8G"} <= set(data["specs"])
+    prov = data["provenance"]
+    assert "CLS/main.py" in prov["what"] and prov["machine"]["cpu_count"]
+    for name, entry in data["specs"].items():
+        budget = float(entry["target"].rstrip("G")) * 1e9
+        macs = width_specs.macs_224("resnet50", entry["width_spec"])
+        # --target-flops met the budget with the 10-class digits head; the file quotes the 1000-class ImageNet head
+        head = 2048 * (1000 - 10)
+        assert macs == entry["macs_224"] and 0.97 * budget <= macs - head <= budget, (name, macs)
+        assert "--target-flops" in entry["command"] and entry["epochs"] >= 10
