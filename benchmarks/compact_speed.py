@@ -1,6 +1,8 @@
 """Dense ResNet vs CHEX-compacted ResNets: FLOPs ratio next to measured speed-up, all in one run.
 
-How the compact models are made (no ImageNet and no downloads here, so the widths come from a short CHEX run):
+Widths: ``--widths-from FILE`` times the widths in a width-spec file — ``benchmarks/widths/resnet50_digits.json`` holds
+widths from CHEX training (``benchmarks/width_specs.py``), and the README's table uses them. Without it, the widths
+come from a short CHEX run on random data, made as follows (no ImageNet and no downloads here):
   1. ``torchvision.models.<arch>(weights=None)`` with seed ``--seed``; ``chex_core.resnet_groups`` (inner groups:
      Bottleneck conv1 and conv2; block outputs, stem, downsample and fc stay dense, as in the paper).
   2. For each budget (``--budgets``, G MACs at 224 px, ``chex_core.count_macs`` = the paper's convention; defaults
