@@ -21,7 +21,7 @@ File format (``"format": "chex-width-specs/1"``): ``{"format", "arch", "specs": 
 width}, "macs_224": int, ...provenance}}}``. :func:`load_specs` also reads the older ``compact_speed`` result JSON
 (rows holding ``width_spec``), so ``--widths-from`` keeps accepting those.
 
-    python benchmarks/width_specs.py train            # rewrites benchmarks/widths/resnet50_digits.json; ~1 CPU-hour
+    python benchmarks/width_specs.py train            # rewrites benchmarks/widths/resnet50_digits.json (4 runs, 1 core)
     python benchmarks/width_specs.py train --budgets chex-1G --out part.json   # one budget (run several side by side)
     python benchmarks/width_specs.py from-checkpoint chex-1G=ckpt.pth.tar --out my_widths.json
     python benchmarks/width_specs.py show benchmarks/widths/resnet50_digits.json
