@@ -31,7 +31,7 @@ def run(cfg: Config, deadline=None) -> dict:
         root = make_image_folder(Path(tmp), classes=2, train_per_class=per_class * 3, val_per_class=per_class,
                                  size=size, seed=cfg.seed)
         rows = measure(backends, root, ["train", "val"], cfg.dali_batch, cfg.dali_threads,
-                       32 if cfg.quick else 224, 1 if cfg.quick else 2, cfg.device,
+                       32 if cfg.quick else 224, 1 if cfg.quick else 3, cfg.device,
                        pytorch_workers=0 if cfg.quick else cfg.dali_threads)
         stats = folder_stats(root)
     problems = [f"{r['backend']} {r['split']}: {r['images_per_s']} images/s" for r in rows if not r["images_per_s"] > 0]
