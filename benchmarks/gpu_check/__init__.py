@@ -1,4 +1,4 @@
-"""gpu_check: one command that checks the GPU paths of this project and measures its GPU ratios (about 7 minutes).
+"""gpu_check: one command that checks the GPU paths of this project and measures its GPU ratios (budget: 7 minutes).
 
 Why: every other number in this repository was measured on a 2-core CPU. This runs, on the first GPU available, what
 the users' runs depend on and what the CPU could never exercise — fp16 autocast with GradScaler (static and dynamic
