@@ -35,7 +35,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 

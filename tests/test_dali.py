@@ -6,7 +6,6 @@ The order and sharding logic is tested without DALI; the pipelines themselves ru
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
