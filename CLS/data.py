@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKENDS = ("pytorch", "synthetic", "digits")
-# NVIDIA's recipe names; DALI is not a dependency here, and 'syntetic' is upstream's spelling of synthetic.
-BACKEND_ALIASES = {"dali-gpu": "pytorch", "dali-cpu": "pytorch", "syntetic": "synthetic"}
+BACKENDS = ("pytorch", "synthetic", "digits", "dali-cpu", "dali-gpu")   # dali-*: CLS/dali.py, optional extra
+# 'syntetic' is upstream's spelling of synthetic.
+BACKEND_ALIASES = {"syntetic": "synthetic"}
 
 
 class DataError(ValueError):
@@ -204,6 +204,11 @@ def build_loaders(backend: str, root: str | None, *, batch_size: int, workers: i
     ``image_size`` defaults to 224 (ImageNet, synthetic) or 32 (digits). Raises :class:`DataError` for user errors.
     """
     backend = BACKEND_ALIASES.get(backend, backend)
+    if backend.startswith("dali-"):
+        from CLS import dali  # NVIDIA DALI is an optional extra: imported only when asked for
+        return dali.build_loaders(backend, root, batch_size=batch_size, workers=workers, image_size=image_size,
+                                  need_train=need_train, rank=rank, world_size=world_size, num_classes=num_classes,
+                                  max_bad_images=max_bad_images, seed=seed)
     if backend == "pytorch":
         image_size = image_size or 224
         train, val, n_cls = _imagenet_datasets(root, image_size, need_train, max_bad_images)
