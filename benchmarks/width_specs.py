@@ -17,12 +17,14 @@ Sources of widths:
     checkpoint with zeroed channels such as the upstream releases (a channel counts as kept unless its norm γ and
     β are both exactly zero, the convention of ``CLS.model.masks_from_zeros``).
 
-File format (``"format": "chex-width-specs/1"``): ``{"format", "arch", "specs": {name: {"width_spec": {producer:
-width}, "macs_224": int, ...provenance}}}``. :func:`load_specs` also reads the older ``compact_speed`` result JSON
+File format (``"format": "chex-width-specs/1"``): ``{"format", "arch", "specs": {name: {"width_spec": {group:
+width}, "macs_224": int, ...provenance}}}``; a group is named after its producer conv, and specs of ``--chex-residual``
+runs (``chex-res-*``) also name residual streams (``layerK.residual``, ``conv1``). :func:`load_specs` also reads the older ``compact_speed`` result JSON
 (rows holding ``width_spec``), so ``--widths-from`` keeps accepting those.
 
     python benchmarks/width_specs.py train            # rewrites benchmarks/widths/resnet50_digits.json (4 runs, 1 core)
     python benchmarks/width_specs.py train --budgets chex-1G --out part.json   # one budget (run several side by side)
+    python benchmarks/width_specs.py train --residual  # adds chex-res-3G ... chex-res-0.8G (--chex-residual runs)
     python benchmarks/width_specs.py from-checkpoint chex-1G=ckpt.pth.tar --out my_widths.json
     python benchmarks/width_specs.py show benchmarks/widths/resnet50_digits.json
 """
@@ -54,6 +56,9 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 # The upstream ResNet-50 table's budgets and the δ0 of their launch scripts (scripts/cls_resnet50_*.sh); the 3G row's
 # δ0 is capped below the sparsity that --target-flops 3G implies (0.21), as δ0 <= S is required.
 BUDGETS = {"chex-3G": ("3G", 0.2), "chex-2G": ("2G", 0.3), "chex-1G": ("1G", 0.3), "chex-0.8G": ("0.8G", 0.3)}
+# With --chex-residual the same budgets imply lower channel sparsities (0.148 / 0.308 / 0.516 / 0.567: the streams'
+# channels count too), so the 3G row's δ0 is capped again, below 0.148.
+RESIDUAL_DELTA0 = {"chex-3G": 0.14}
 
 
 class WidthSpecError(ValueError):
@@ -67,26 +72,29 @@ def dense_model(arch: str) -> torch.nn.Module:
     return getattr(torchvision.models, arch)(weights=None)
 
 
-def group_sizes(arch: str) -> dict[str, int]:
-    """Full width of every inner (prunable) group's producer conv."""
-    return dict(_group_sizes(arch))
+def group_sizes(arch: str, residual: bool = False) -> dict[str, int]:
+    """Full width of every inner (prunable) group, by name (= its producer conv); with ``residual`` also of every
+    residual-stream group (``layerK.residual``, ``conv1``; ``--chex-residual``)."""
+    return dict(_group_sizes(arch, residual))
 
 
 @functools.lru_cache(maxsize=None)
-def _group_sizes(arch: str) -> tuple[tuple[str, int], ...]:       # building a ResNet-50 takes ~0.3 s
-    return tuple((g.producer, g.size) for g in resnet_groups(dense_model(arch)) if g.kind == "inner")
+def _group_sizes(arch: str, residual: bool) -> tuple[tuple[str, int], ...]:   # building a ResNet-50 takes ~0.3 s
+    return tuple((g.name, g.size) for g in resnet_groups(dense_model(arch), residual=residual)
+                 if g.kind in ("inner", "residual"))
 
 
 def check_spec(arch: str, spec: Mapping[str, int], name: str) -> dict[str, int]:
-    """``spec`` as a plain dict after checking it names exactly the arch's inner producers, widths in [1, full]."""
-    sizes = group_sizes(arch)
-    if set(spec) != set(sizes):
-        missing, extra = sorted(set(sizes) - set(spec)), sorted(set(spec) - set(sizes))
+    """``spec`` as a plain dict after checking it names every inner group of the arch (and, from a
+    ``--chex-residual`` run, residual-stream groups), widths in [1, full]."""
+    inner, sizes = group_sizes(arch), group_sizes(arch, residual=True)
+    if not set(inner) <= set(spec) <= set(sizes):
+        missing, extra = sorted(set(inner) - set(spec)), sorted(set(spec) - set(sizes))
         raise WidthSpecError(f"{name}: width spec does not match {arch} (missing {missing[:3]}, unknown {extra[:3]})")
     bad = [k for k, w in spec.items() if not 1 <= int(w) <= sizes[k]]
     if bad:
         raise WidthSpecError(f"{name}: widths out of range for {bad[:3]}")
-    return {k: int(spec[k]) for k in sizes}
+    return {k: int(spec[k]) for k in sizes if k in spec}
 
 
 def load_specs(path: str | os.PathLike) -> dict:
@@ -127,9 +135,16 @@ def macs_224(arch: str, spec: Mapping[str, int]) -> int:
 
 
 def keep_per_stage(arch: str, spec: Mapping[str, int]) -> dict[str, float]:
+    """Kept share of each stage's inner channels (residual streams: :func:`keep_residual`)."""
     sizes = group_sizes(arch)
-    return {s: round(sum(w for k, w in spec.items() if k.startswith(s)) /
+    return {s: round(sum(w for k, w in spec.items() if k in sizes and k.startswith(s)) /
                      sum(n for k, n in sizes.items() if k.startswith(s)), 3) for s in STAGES}
+
+
+def keep_residual(arch: str, spec: Mapping[str, int]) -> dict[str, float]:
+    """Kept share of each residual stream a ``--chex-residual`` spec names (empty for internal-only specs)."""
+    sizes, inner = group_sizes(arch, residual=True), group_sizes(arch)
+    return {k: round(w / sizes[k], 3) for k, w in spec.items() if k not in inner}
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -147,7 +162,7 @@ def spec_from_checkpoint(path: str | os.PathLike, arch: str) -> dict[str, int]:
     model = dense_model(arch)
     spec = {}
     named = dict(model.named_modules())
-    for g in resnet_groups(model):
+    for g in resnet_groups(model):       # inner groups only: a residual run's compact.pth carries its cfg
         w, gamma, beta = (sd.get(f"{g.producer}.weight"), sd.get(f"{g.norm}.weight"), sd.get(f"{g.norm}.bias"))
         if w is None or gamma is None or beta is None:
             raise WidthSpecError(f"{path}: no {g.producer}/{g.norm} tensors for --arch {arch}")
@@ -188,9 +203,18 @@ def write_specs(path: Path, arch: str, specs: dict, provenance: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- train
+def spec_name(budget: str, residual: bool) -> str:
+    """``chex-1G`` (internal groups) or ``chex-res-1G`` (``--chex-residual``)."""
+    return budget.replace("chex-", "chex-res-") if residual else budget
+
+
 def cls_command(args: argparse.Namespace, name: str, workspace: Path) -> list[str]:
-    """The CLS/main.py command of one budget: CHEX with --target-flops on the built-in digits data."""
+    """The CLS/main.py command of one budget: CHEX with --target-flops on the built-in digits data (with
+    ``args.residual`` also exploring the residual streams)."""
     budget, delta0 = BUDGETS[name]
+    residual = getattr(args, "residual", False)
+    if residual:
+        delta0 = RESIDUAL_DELTA0.get(name, delta0)
     t_max = max(1, round(0.72 * args.epochs))          # upstream: T_max 180 of 250 epochs
     return [sys.executable, str(REPO / "CLS" / "main.py"), "--data-backend", "digits", "--arch", args.arch,
             "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--warmup", "1",
@@ -198,18 +222,24 @@ def cls_command(args: argparse.Namespace, name: str, workspace: Path) -> list[st
             "--label-smoothing", "0.1", "-j", "0", "--seed", str(args.seed), "--grow_prune", "--delta_T", "1",
             "--T_max", str(t_max), "--channel_sparsity", "0.5", "--init_channel_ratio", str(delta0),
             "--target-flops", budget, "--compact-training", "--workspace", str(workspace), "--resume", "auto",
-            "--raport-file", "raport.json", "--keep-checkpoints", "1", "--no-progress", "-p", "50"]
+            "--raport-file", "raport.json", "--keep-checkpoints", "1", "--no-progress", "-p", "50",
+            *(["--chex-residual"] if residual else [])]
 
 
 def train(args: argparse.Namespace) -> dict:
     """Run every requested budget in sequence; after each, add its spec to ``args.out`` (rewritten atomically)."""
-    specs = load_specs(args.out)["specs"] if args.out.is_file() else {}
-    prov = {"what": "CHEX training (CLS/main.py --grow_prune --target-flops B --compact-training) on the built-in "
-                    "sklearn digits data; widths = cfg of the exported compact.pth",
-            "machine": machine(), "threads": os.environ.get("OMP_NUM_THREADS"), "git_commit": git_commit()}
-    for name in args.budgets:
+    old = load_specs(args.out) if args.out.is_file() else {"specs": {}, "provenance": {}}
+    specs = old["specs"]
+    run = {"what": "CHEX training (CLS/main.py --grow_prune --target-flops B --compact-training) on the built-in "
+                   "sklearn digits data; widths = cfg of the exported compact.pth",
+           "machine": machine(), "threads": os.environ.get("OMP_NUM_THREADS"), "git_commit": git_commit()}
+    # the internal-only runs describe the file; --residual runs add their own record and keep that description
+    prov = {**old["provenance"], "residual_runs": {**run, "what": run["what"] + ", with --chex-residual"}} \
+        if args.residual else run
+    for budget in args.budgets:
+        name = spec_name(budget, args.residual)
         ws = args.workdir / name
-        cmd = cls_command(args, name, ws)
+        cmd = cls_command(args, budget, ws)
         print(f"[width_specs] {name}: {' '.join(cmd)}", flush=True)
         with open(args.workdir / f"{name}.log", "a") as logf:
             rc = subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT).returncode
@@ -219,8 +249,9 @@ def train(args: argparse.Namespace) -> dict:
         raport = json.loads((ws / "raport.json").read_text())
         final = raport.get("final", {})
         shown = [c if not c.startswith(str(REPO)) else os.path.relpath(c, REPO) for c in cmd[1:]]
-        specs[name] = {"width_spec": spec, "macs_224": macs_224(args.arch, spec), "target": BUDGETS[name][0],
+        specs[name] = {"width_spec": spec, "macs_224": macs_224(args.arch, spec), "target": BUDGETS[budget][0],
                        "keep_fraction_per_stage": keep_per_stage(args.arch, spec),
+                       **({"keep_fraction_residual": keep_residual(args.arch, spec)} if args.residual else {}),
                        "sparsity": raport.get("args", {}).get("channel_sparsity"), "compact_top1": final.get("compact_top1"),
                        "epochs": args.epochs, "image_size": args.image_size,
                        "command": "python " + " ".join(shown),
@@ -261,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS),
                    help="which budgets to train, in order (default: all four)")
     t.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet101"], help="network (default resnet50)")
+    t.add_argument("--residual", action="store_true",
+                   help="train with --chex-residual (residual streams explored too); the specs are stored as "
+                        "chex-res-<budget>, next to the internal-only ones")
     t.add_argument("--epochs", type=int, default=12, help="epochs per budget (default 12; T_max = 0.72 x epochs)")
     t.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (default 32; the digits are 8x8)")
     t.add_argument("--batch", type=int, default=64, help="batch size (default 64)")

@@ -88,6 +88,30 @@ def test_train_runs_cls_with_a_flops_target_per_budget(tmp_path):
     flag = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("-")}
     assert flag["--target-flops"] == "0.8G" and flag["--data-backend"] == "digits" and "--grow_prune" in cmd
     assert flag["--T_max"] == "22" and flag["--epochs"] == "30" and flag["--resume"] == "auto"
+    assert "--chex-residual" not in cmd
+    res = width_specs.build_parser().parse_args(["train", "--residual", "--workdir", str(tmp_path)])
+    cmd = width_specs.cls_command(res, "chex-3G", tmp_path / "ws")
+    flag = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("-")}
+    # --chex-residual: 3G implies S = 0.148 once the streams count, so δ0 must sit below it
+    assert "--chex-residual" in cmd and float(flag["--init_channel_ratio"]) < 0.148
+    assert width_specs.spec_name("chex-3G", True) == "chex-res-3G"
+
+
+def test_residual_specs_load_and_name_their_streams(tmp_path):
+    """Specs of --chex-residual runs name the residual streams besides every inner group; nothing else is allowed."""
+    sizes = width_specs.group_sizes("resnet18", residual=True)
+    spec = {k: max(1, n // 2) for k, n in sizes.items()}
+    p = tmp_path / "w.json"
+    p.write_text(json.dumps({"format": width_specs.FORMAT, "arch": "resnet18", "specs": {"chex-res-1G": {
+        "width_spec": spec}}}))
+    assert width_specs.load_specs(p)["specs"]["chex-res-1G"]["width_spec"] == spec
+    assert width_specs.keep_residual("resnet18", spec)["layer4.residual"] == 0.5
+    assert width_specs.macs_224("resnet18", spec) < width_specs.macs_224(
+        "resnet18", {k: w for k, w in spec.items() if not k.endswith(".residual")})
+    p.write_text(json.dumps({"format": width_specs.FORMAT, "arch": "resnet18", "specs": {"x": {
+        "width_spec": {**spec, "layer9.residual": 3}}}}))
+    with pytest.raises(width_specs.WidthSpecError, match="does not match"):
+        width_specs.load_specs(p)
 
 
 def test_committed_widths_come_from_chex_training_and_meet_their_budgets():
@@ -100,6 +124,7 @@ def test_committed_widths_come_from_chex_training_and_meet_their_budgets():
         budget = float(entry["target"].rstrip("G")) * 1e9
         macs = width_specs.macs_224("resnet50", entry["width_spec"])
         # --target-flops met the budget with the 10-class digits head; the file quotes the 1000-class ImageNet head
-        head = 2048 * (1000 - 10)
+        # (whose input is layer4's stream: narrowed in the chex-res-* specs of --chex-residual runs)
+        head = entry["width_spec"].get("layer4.residual", 2048) * (1000 - 10)
         assert macs == entry["macs_224"] and 0.97 * budget <= macs - head <= budget, (name, macs)
         assert "--target-flops" in entry["command"] and entry["epochs"] >= 10

@@ -36,7 +36,7 @@ def build_models(cfg: Config) -> tuple[dict[str, nn.Module], dict]:
     missing = [n for n in names if n not in specs]
     if missing:
         raise ValueError(f"--budgets {missing} not in {cfg.widths} (has {sorted(specs)})")
-    sizes = group_sizes(arch)
+    sizes = group_sizes(arch, residual=True)    # chex-res-* specs (--chex-residual runs) round their streams too
     models = {"dense": build_compact(arch, sizes, cfg.seed)}
     for n in names:
         models[n] = build_compact(arch, specs[n]["width_spec"], cfg.seed)
