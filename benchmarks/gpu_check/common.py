@@ -34,7 +34,7 @@ class Config:
     quick: bool = False
     sections: tuple[str, ...] = SECTIONS
     widths: Path = DEFAULT_WIDTHS
-    budgets: tuple[str, ...] = ()            # width-spec names to time (empty: all in the file)
+    budgets: tuple[str, ...] = ()            # width-spec names to time (empty: all but the chex-res-* ones)
     out: Path = REPO / "benchmarks" / "results"
     time_budget_s: float = 420.0             # the whole run; compile jobs are cut first when it runs short
     # CLS training (ResNet-50, AMP + channels_last)

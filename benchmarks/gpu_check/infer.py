@@ -32,7 +32,9 @@ def build_models(cfg: Config) -> tuple[dict[str, nn.Module], dict]:
     """``{"dense": …, "chex-1G": …, "chex-1G-round8": …}`` and the width file's metadata."""
     data = load_specs(cfg.widths)
     arch, specs = data["arch"], data["specs"]
-    names = list(cfg.budgets) or list(specs)
+    # default: the internal-only specs (the upstream kind), as before chex-res-* specs joined the file; time those
+    # with --budgets chex-res-1G ...
+    names = list(cfg.budgets) or [n for n in specs if not n.startswith("chex-res-")]
     missing = [n for n in names if n not in specs]
     if missing:
         raise ValueError(f"--budgets {missing} not in {cfg.widths} (has {sorted(specs)})")
