@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from chex_core import ChannelExplorer, ExplorationSchedule, resnet_groups
+from chex_core import ChannelExplorer, ExplorationSchedule
 from chex_core.engine import AmpConfig, NonFiniteLossError, TrainStep
 
 from .common import Config, sync
@@ -110,7 +110,7 @@ def _train(name: str, model: nn.Module, explored: nn.Module, groups, step_fn, cf
 
 def run_det(cfg: Config) -> dict:
     from DET.box_coder import BoxCoder, dboxes300_coco
-    from DET.model import SSD300, MultiBoxLoss
+    from DET.model import SSD300, MultiBoxLoss, channel_groups
 
     torch.manual_seed(cfg.seed)
     device, classes = cfg.device, 81
@@ -125,8 +125,9 @@ def run_det(cfg: Config) -> dict:
         locs, confs = model(images)
         return criterion(locs, confs, offsets, labels)
 
-    # the DET recipe: lr 2.6e-3 per 32 images, S = 0.5, δ0 = 0.2, backbone only
-    out = _train("det", model, model.backbone, resnet_groups(model.backbone), step, cfg,
+    # the DET recipe: lr 2.6e-3 per 32 images, S = 0.5, δ0 = 0.2, backbone only; the explorer sees the whole SSD with
+    # the backbone's groups, as DET/main.py builds it
+    out = _train("det", model, model, channel_groups(model), step, cfg,
                  2.6e-3 * cfg.det_batch / 32, 0.5, 0.2, {})
     out.update(model=f"SSD300-{cfg.det_backbone}", batch=cfg.det_batch, image_size=300)
     return out
@@ -148,7 +149,8 @@ def run_seg(cfg: Config) -> dict:
         return model([i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
 
     # the released SEG variant: leverage CSS, random regrowth, uniform allocation; S = 0.5, δ0 = 0.5
-    out = _train("seg", model, model.backbone.body, channel_groups(model), step, cfg, 0.02 * cfg.seg_batch / 16,
+    # the explorer sees the whole Mask R-CNN with the body's groups, as SEG/train.py builds it
+    out = _train("seg", model, model, channel_groups(model), step, cfg, 0.02 * cfg.seg_batch / 16,
                  0.5, 0.5, {"criterion": "leverage", "regrow": "random", "allocation": "uniform"})
     out.update(model="Mask R-CNN R-50-FPN (GN)", batch=cfg.seg_batch, image_size=size)
     return out
