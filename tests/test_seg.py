@@ -276,7 +276,8 @@ def test_residual_flag_narrows_the_fpn_laterals_and_the_export_equals_the_masked
     tiny models in tests/test_coupled.py)."""
     out = tmp_path / "run"
     assert seg_train.main(_train_argv(coco, out, 2, "--chex-residual", "--chex-criterion", "l1",
-                                      "--chex-regrow", "random", "--chex-allocation", "global")) == 0
+                                      "--chex-regrow", "random", "--chex-allocation", "global",
+                                      "--checkpoint-period", "100")) == 0     # one rolling checkpoint, not two
     masked, compact = (build_maskrcnn(4, norm="bn", head_norm="none", min_size=64, max_size=64) for _ in range(2))
     load_model_weights(masked, load_checkpoint(str(out / "model_final.pth")))
     spec = load_checkpoint(str(out / "model_compact.pth"))["body_spec"]
