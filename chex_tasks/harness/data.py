@@ -32,8 +32,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 __all__ = ["DataError", "ShardSampler", "WorkerRngState", "TrainLoader", "make_train_loader", "make_eval_loader"]
 
 log = logging.getLogger(__name__)
-# torchdata 0.11 calls a torch API that torch 2.14 deprecates, once per loader: noise for every user of this module
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 class DataError(ValueError):
@@ -126,15 +124,18 @@ def make_train_loader(dataset: Dataset, *, batch_size: int | None = None, batch_
     generator = torch.Generator().manual_seed(seed)
     common = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate_fn, generator=generator,
                   snapshot_every_n_steps=1)
-    if batch_sampler is not None:
-        loader = TrainLoader(wrapped, batch_sampler=batch_sampler, **common)
-    else:
+    if batch_sampler is None:
         if world_size > 1 or distributed_order:
             sampler: Sampler = DistributedSampler(wrapped, num_replicas=world_size, rank=rank, shuffle=True,
                                                   seed=seed, drop_last=True)
         else:
             sampler = RandomSampler(wrapped, generator=generator)
-        loader = TrainLoader(wrapped, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
+        common.update(batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+    else:
+        common.update(batch_sampler=batch_sampler)
+    with warnings.catch_warnings():    # torchdata 0.11 calls a torch API that torch 2.14 deprecates: noise
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        loader = TrainLoader(wrapped, **common)
     loader.seed = seed
     if len(loader) == 0:
         raise DataError(f"the training set ({len(dataset)} samples) is too small for {world_size} process(es) "

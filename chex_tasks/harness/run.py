@@ -134,10 +134,13 @@ class Run:
     def _build_explorer(self) -> None:
         args, task = self.args, self.task
         self.prunable = self.model.get_submodule(task.prunable_path) if task.prunable_path else self.model
-        self.groups = groups_from_args(args, self.prunable)
-        self.explorer = explorer_from_args(args, self.prunable, self.groups,
-                                           steps_per_unit=task.units_per_step(self, self.steps_per_epoch),
-                                           input_size=task.flops_input_size(self))
+        self.groups = groups_from_args(args, self.prunable) if args.grow_prune else None
+        try:
+            self.explorer = explorer_from_args(args, self.prunable, self.groups,
+                                               steps_per_unit=task.units_per_step(self, self.steps_per_epoch),
+                                               input_size=task.flops_input_size(self))
+        except ValueError as exc:          # e.g. an unreachable --target-flops
+            raise UserError(str(exc)) from None
         if self.explorer is not None and args.T_max * task.units_per_step(self, self.steps_per_epoch) > \
                 self.epochs * self.steps_per_epoch:
             log.warning("--T_max %d is beyond the end of training: the final sparsity %.2f is never reached",
@@ -353,7 +356,8 @@ class Run:
         if self.phys is not None and self.phys.compact:
             return copy.deepcopy(self.model), self.phys.width_spec()
         masks = masks if masks is not None else self.explorer.masks
-        small_part, spec = compact_model(self.prunable, self.groups, masks)
+        groups = self.groups or groups_from_args(self.args, self.prunable)
+        small_part, spec = compact_model(self.prunable, groups, masks)
         small = copy.deepcopy(self.model)
         if self.task.prunable_path:
             parent, _, leaf = self.task.prunable_path.rpartition(".")
