@@ -21,12 +21,9 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset, Sampler
 
 from chex_tasks.coco import load_coco
+from chex_tasks.harness.data import DataError, ShardSampler  # noqa: F401  (re-exported: SEG.data.DataError)
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """Bad input data (missing/corrupt file); the message names the file."""
 
 
 def split_paths(root: str | Path, split: str, year: str = "2014") -> tuple[Path, Path]:
@@ -223,16 +220,3 @@ class GroupedInfiniteBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self.num_iterations - self.start_iter)
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation sampler: rank r gets indices r, r+W, … (no padding, so every image is evaluated once)."""
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, size, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)

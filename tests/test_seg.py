@@ -27,7 +27,7 @@ from SEG.model import (UPSTREAM_PIXEL_MEAN, CheckpointMismatchError, build_maskr
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-# CPU-sized sampling (ENVIRONMENT.md §3) and tiny images, shared by every run below.
+# CPU-sized sampling and tiny images, shared by every run below.
 SMALL = ["--rpn-pre-nms-top-n-train", "200", "--rpn-post-nms-top-n-train", "100", "--rpn-batch-size-per-image", "64",
          "--box-batch-size-per-image", "64", "--box-detections-per-img", "20", "--rpn-pre-nms-top-n-test", "200",
          "--rpn-post-nms-top-n-test", "100", "--print-freq", "1"]
@@ -257,8 +257,10 @@ def test_resume_keeps_explorer_state_and_corrupt_image_loses_nothing(tmp_path, c
         CocoInstances(*split_paths(data, "train"), train=True)[0]
     for p, content in good.items():
         p.write_bytes(content)
-    # resuming with other channel groups (shortcuts now masked too) is refused with a clear error
-    assert seg_train.main(_train_argv(data, out, 2, "--chex-prune-downsample")) == 1
+    # resuming with other channel groups (shortcuts now masked too) is refused with one clear line (exit 2)
+    with pytest.raises(SystemExit) as exc:
+        seg_train.main(_train_argv(data, out, 2, "--chex-prune-downsample"))
+    assert exc.value.code == 2
     assert seg_train.main(_train_argv(data, out, 2)) == 0  # resumes at 1, runs event 2 (T_max) then stops
     second = load_checkpoint(str(out / "checkpoint_000002.pth"))
     assert second["iteration"] == 2 and second["explorer"]["event_count"] == 2
@@ -268,7 +270,7 @@ def test_resume_keeps_explorer_state_and_corrupt_image_loses_nothing(tmp_path, c
     for key, value in uninterrupted["model"].items():  # and reproduced the uninterrupted step exactly
         assert torch.equal(second["model"][key], value), key
     compact = load_checkpoint(str(out / "model_compact.pth"))
-    assert compact["body_spec"] and min(compact["body_spec"].values()) >= 1
+    assert compact["module"] == "backbone.body" and min(compact["width_spec"].values()) >= 1   # the one format
 
 
 @pytest.mark.slow
