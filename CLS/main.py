@@ -33,8 +33,8 @@ if __package__ in (None, ""):
 
 from chex_core.cli import add_chex_args, validate_chex_args  # noqa: E402
 from chex_core.engine import NonFiniteLossError  # noqa: E402
-from chex_tasks.harness import (DataError, OneLineParser, Run, UserError, add_run_args, check_run_args,  # noqa: E402
-                                make_amp, one_line, start_runtime)
+from chex_tasks.harness import (DataError, OneLineParser, Run, add_run_args, check_run_args,  # noqa: E402
+                                make_amp, run_guarded, start_runtime)
 from chex_tasks.harness.lr import DECAYS  # noqa: E402
 from chex_tasks.progress import progress  # noqa: E402
 from CLS import data as cls_data  # noqa: E402
@@ -194,19 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    try:
-        return run(args)
-    except (UserError, DataError, cls_model.WeightsError) as exc:
-        parser.error(one_line(exc))
-    except NonFiniteLossError as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        from chex_core import distributed
-
-        distributed.cleanup()
-    return 1
-
+    return run_guarded(parser, lambda: run(args), user_errors=(DataError, cls_model.WeightsError),
+                       run_errors=(NonFiniteLossError,))
 
 if __name__ == "__main__":
     sys.exit(main())

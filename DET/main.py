@@ -27,10 +27,8 @@ if __package__ in (None, ""):  # run as a script from DET/ (upstream usage): mak
 
 from chex_core import checkpoint as ckpt_utils
 from chex_core import cli as chex_cli
-from chex_core import distributed as dist_utils
 from chex_core.engine import NonFiniteLossError
-from chex_tasks.harness import (DataError, OneLineParser, Run, UserError, add_run_args, check_run_args, one_line,
-                                start_runtime)
+from chex_tasks.harness import DataError, OneLineParser, Run, add_run_args, check_run_args, run_guarded, start_runtime
 from DET.benchmark import run_benchmark
 from DET.box_coder import BoxCoder, dboxes300_coco
 from DET.data import build_loaders
@@ -130,7 +128,7 @@ def main(argv=None) -> int:
     rt = start_runtime(args)
     logger.info("seed %d; args: %s", args.seed, vars(args))
     coder = BoxCoder(dboxes300_coco())
-    try:
+    def body():
         if args.mode == "training":
             loaders = build_loaders(args.data, coder, args.bs, args.eval_batch_size, args.num_workers, rt.rank,
                                     rt.world_size, seed=args.seed)
@@ -142,17 +140,10 @@ def main(argv=None) -> int:
         else:
             run_benchmark(args, rt, coder, lambda m: make_optimizer(m, args.learning_rate, args.momentum,
                                                                     args.weight_decay))
-    except UserError as exc:
-        dist_utils.cleanup()
-        parser.error(one_line(exc))
-    except (DataError, StateDictMismatch, ckpt_utils.CheckpointError, NonFiniteLossError) as exc:
-        # the DataLoader re-raises worker errors with the worker traceback in the message: keep its last line
-        logger.error("%s", one_line(exc))
-        return 1
-    finally:
-        dist_utils.cleanup()
-    return 0
 
+    # a DataLoader re-raises worker errors with the worker traceback in the message: one_line keeps its last line
+    return run_guarded(parser, body, run_errors=(DataError, StateDictMismatch, ckpt_utils.CheckpointError,
+                                                 NonFiniteLossError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,11 +19,9 @@ import logging
 import sys
 
 from chex_core import cli as chex_cli
-from chex_core import distributed
 from chex_core.checkpoint import CheckpointError
 from chex_core.engine import NonFiniteLossError
-from chex_tasks.harness import (DataError, OneLineParser, Run, UserError, add_run_args, check_run_args, one_line,
-                                start_runtime)
+from chex_tasks.harness import DataError, OneLineParser, Run, add_run_args, check_run_args, run_guarded, start_runtime
 
 from .data import CocoInstances, split_paths
 from .evaluate import FINAL_NAME, UPSTREAM_CHECKPOINT, evaluate_checkpoint, find_eval_checkpoint  # noqa: F401
@@ -133,25 +131,18 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(argv, parser)
     rt = start_runtime(args)
-    try:
+    def body():
         if args.eval_only:
             evaluate_checkpoint(args, rt.device)
-        else:
-            dataset = CocoInstances(*split_paths(args.data_path, "train", args.year), train=True)
-            run = Run(SegTask(args, dataset), args, rt, args.output_dir, print_freq=args.print_freq)
-            run.setup()
-            run.train()
-    except UserError as err:
-        distributed.cleanup()
-        parser.error(one_line(err))
-    except (DataError, CheckpointError, CheckpointMismatchError, NonFiniteLossError) as err:
-        # Worker exceptions arrive with the worker's traceback in the message; its last line names the file.
-        logger.error("%s: %s", type(err).__name__, one_line(err))
-        return 1
-    finally:
-        distributed.cleanup()
-    return 0
+            return
+        dataset = CocoInstances(*split_paths(args.data_path, "train", args.year), train=True)
+        run = Run(SegTask(args, dataset), args, rt, args.output_dir, print_freq=args.print_freq)
+        run.setup()
+        run.train()
 
+    # worker exceptions arrive with the worker's traceback in the message: one_line keeps its last line
+    return run_guarded(parser, body, run_errors=(DataError, CheckpointError, CheckpointMismatchError,
+                                                 NonFiniteLossError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,11 +7,12 @@ from .checkpoint import Layout
 from .data import DataError, ShardSampler, TrainLoader, make_eval_loader, make_train_loader
 from .lr import LRSchedule
 from .run import Run, make_amp, sync_buffers
-from .runtime import OneLineParser, Runtime, UserError, one_line, setup_logging, start_runtime
+from .runtime import OneLineParser, Runtime, UserError, one_line, run_guarded, setup_logging, start_runtime
 from .task import Task
 
 __all__ = ["Layout", "DataError", "ShardSampler", "TrainLoader", "make_eval_loader", "make_train_loader", "LRSchedule",
-           "Run", "make_amp", "sync_buffers", "OneLineParser", "Runtime", "UserError", "one_line", "setup_logging",
+           "Run", "make_amp", "sync_buffers", "OneLineParser", "Runtime", "UserError", "one_line", "run_guarded",
+           "setup_logging",
            "start_runtime", "Task", "add_run_args", "check_run_args"]
 
 

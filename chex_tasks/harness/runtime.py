@@ -146,3 +146,21 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def run_guarded(parser: argparse.ArgumentParser, body, *, user_errors: tuple = (), run_errors: tuple = ()) -> int:
+    """Run an entry point's ``body()`` the same way in every task: a :class:`UserError` (or one of ``user_errors``)
+    is one ``prog: error: ...`` line and exit status 2; one of ``run_errors`` (bad data, a non-finite loss...) is one
+    logged line and status 1; the process group is torn down in every case."""
+    try:
+        result = body()
+        return 0 if result is None else int(result)
+    except (UserError, *user_errors) as exc:
+        dist_utils.cleanup()
+        parser.error(one_line(exc))
+    except run_errors as exc:
+        log.error("%s: %s", type(exc).__name__, one_line(exc))
+        return 1
+    finally:
+        dist_utils.cleanup()
+    return 1
