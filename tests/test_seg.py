@@ -16,6 +16,7 @@ pytest.importorskip("pycocotools")
 from chex_core import ChannelExplorer, ExplorationSchedule  # noqa: E402
 from chex_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from chex_tasks.coco import make_tiny_coco  # noqa: E402
+from chex_tasks.harness import make_train_loader  # noqa: E402
 from SEG import train as seg_train  # noqa: E402
 from SEG.data import (CocoInstances, DataError, GroupedInfiniteBatchSampler, aspect_ratio_groups,  # noqa: E402
                       hflip, split_paths)
@@ -92,7 +93,16 @@ def test_grouped_sampler_is_deterministic_resumable_and_grouped():
     other = list(GroupedInfiniteBatchSampler(groups, 2, 12, rank=1, world_size=2, seed=1))
     assert len(full) == 12 and all(len(b) == 2 for b in full)
     assert full == list(GroupedInfiniteBatchSampler(groups, 2, 12, rank=0, world_size=2, seed=1))
-    assert full[5:] == list(GroupedInfiniteBatchSampler(groups, 2, 12, rank=0, world_size=2, seed=1, start_iter=5))
+    # resumable: the harness's stateful loader stopped after 5 batches continues with the rest of the stream
+    def loader():
+        sampler = GroupedInfiniteBatchSampler(groups, 2, 12, rank=0, world_size=2, seed=1)
+        return make_train_loader(list(range(len(ratios))), batch_sampler=sampler, collate_fn=list)
+    first = loader()
+    it = iter(first)
+    assert [next(it) for _ in range(5)] == full[:5]
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    assert list(resumed) == full[5:]
     assert not set(full[0]) & set(other[0]), "ranks see different images"
     assert sum(len({groups[i] for i in b}) == 1 for b in full) >= 10, "batches are built within aspect groups"
     with pytest.raises(ValueError, match="batch size"):
