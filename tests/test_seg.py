@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -305,10 +307,19 @@ def test_train_sh_then_eval_sh_two_processes(tmp_path, coco):
     assert any(name.endswith("downsample.0") for name in explorer["masks"])  # PRUNE_DOWNSAMPLE=1 (released)
     assert {"model", "optimizer", "scheduler", "scaler", "iteration", "explorer", "args"} <= set(ckpt)
     assert (results / "model_final.pth").is_file()
+    # eval.sh without torchrun on PATH (a venv used without activating it): $PYTHON -m torch.distributed.run
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls.log"}\nexec {sys.executable} "$@"\n')
+    (shim / "python").chmod(0o755)
+    system = {os.path.dirname(shutil.which(tool)) for tool in ("bash", "dirname", "env")}
+    env["PATH"] = os.pathsep.join([str(shim), *system])
     run = subprocess.run(["bash", "scripts/eval.sh", *SMALL], cwd=seg_dir, env=env, capture_output=True, text=True,
                          timeout=300)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
+    launched = (tmp_path / "calls.log").read_text()
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m SEG.train" in launched
     assert "model_final.pth" in log
     for line in ("task  |    AP |  AP50 |  AP75 |   APs |   APm |   APl", "bbox  |", "segm  |", "FLOPs reduction"):
         assert line in log, line
