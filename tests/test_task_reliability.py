@@ -61,11 +61,12 @@ def task_flags(task: str, data: Path, ws: Path) -> list[str]:
                 "--init_channel_ratio", "0.2", "--delta_T", "1", "--T_max", "2", "--max-iters-per-epoch", "1",
                 "--num-workers", "0", "--eval-on-epochs", "99", "--epochs", "3", "--seed", "1", "--log-interval", "1",
                 "--no-tensorboard", "--checkpoint-every", "1", "--keep-checkpoints", "99", "--save", str(ws)]
+    # SEG: 3 iterations, events at 1 and 2; delta0 0.2 < S (upstream starts dense): an MRU store from the start
     return ["--data-path", str(data), "--output-dir", str(ws), "--max-iter", "3", "--steps", "100",
             "--warmup-iters", "1", "--batch-size", "2", "--workers", "0", "--min-size", "64", "--max-size", "64",
             "--lr", "0.01", "--checkpoint-period", "1", "--keep-checkpoints", "99", "--no-final-eval", "--norm", "bn",
-            "--head-norm", "none", "--grow_prune", "--delta_T", "1", "--T_max", "2", "--chex-criterion", "l1",
-            "--no-tensorboard", "--no-resume", *SEG_SMALL]
+            "--head-norm", "none", "--grow_prune", "--init_channel_ratio", "0.2", "--delta_T", "1", "--T_max", "2",
+            "--chex-criterion", "l1", "--no-tensorboard", "--no-resume", *SEG_SMALL]
 
 
 def task_args(task: str, data: Path, ws: Path) -> list[str]:
