@@ -19,15 +19,15 @@ so an epoch's augmentation depends only on ``(seed, epoch)``, whatever process r
 from __future__ import annotations
 
 import logging
-import random
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+from .runtime import capture_rng, restore_rng
 
 __all__ = ["DataError", "ShardSampler", "WorkerRngState", "TrainLoader", "make_train_loader", "make_eval_loader"]
 
@@ -73,20 +73,11 @@ class WorkerRngState(Dataset):
         return getattr(self.dataset, name)
 
     def state_dict(self) -> dict:
-        if get_worker_info() is None:
-            return {}
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        return {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+        return capture_rng(cuda=False) if get_worker_info() is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if not state or get_worker_info() is None:
-            return
-        torch.set_rng_state(state["torch"])
-        version, words, gauss = state["python"]
-        random.setstate((version, tuple(words), gauss))
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        if state and get_worker_info() is not None:
+            restore_rng(state)
 
 
 class TrainLoader(StatefulDataLoader):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from chex_core import distributed as dist_utils
+from chex_core.checkpoint import capture_rng_state, restore_rng_state
 
 __all__ = ["UserError", "OneLineParser", "one_line", "setup_logging", "Runtime", "start_runtime", "capture_rng",
            "restore_rng"]
@@ -120,32 +121,27 @@ def start_runtime(args: argparse.Namespace, device: str | None = None) -> Runtim
     return Runtime(info, seed)
 
 
-def capture_rng() -> dict:
-    """This process's global RNG states (torch CPU and CUDA, Python ``random``, numpy) as tensors and plain
-    containers, so a checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+def capture_rng(cuda: bool = True) -> dict:
+    """This process's global RNG states as tensors and plain containers (so a checkpoint holding them loads with
+    ``torch.load(weights_only=True)``): torch CPU and CUDA (``chex_core.checkpoint.capture_rng_state``), Python
+    ``random`` and numpy. ``cuda=False`` in data-loader workers, which must not initialise CUDA."""
+    state = capture_rng_state() if cuda else {"torch": torch.get_rng_state()}
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(),
-                             "python": [version, list(words), gauss],
-                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                                       float(cached)]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["python"] = [version, list(words), gauss]
+    state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     return state
 
 
 def restore_rng(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`capture_rng` (keys that are absent are left alone)."""
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu())
+    restore_rng_state(state)
     if "python" in state:
         version, words, gauss = state["python"]
         random.setstate((version, tuple(words), gauss))
     if "numpy" in state:
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def run_guarded(parser: argparse.ArgumentParser, body, *, user_errors: tuple = (), run_errors: tuple = ()) -> int:
