@@ -69,7 +69,7 @@ def mixup_batch(images: torch.Tensor, labels: torch.Tensor, alpha: float, num_cl
 def evaluate(model: nn.Module, loader, device: torch.device, amp: AmpConfig | None = None,
              progress: Callable = lambda it, **kw: it) -> dict:
     """Top-1/top-5 (percent) and mean loss over the whole validation set, summed exactly across ranks
-    (``loader`` must shard without padding, see ``data.ShardSampler``)."""
+    (``loader`` must shard without padding, see ``chex_tasks.harness.data.ShardSampler``)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
     for images, labels in progress(loader, total=len(loader), desc="val"):

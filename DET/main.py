@@ -34,7 +34,7 @@ from DET.box_coder import BoxCoder, dboxes300_coco
 from DET.data import build_loaders
 from DET.evaluate import run_evaluation
 from DET.model import BACKBONES, StateDictMismatch
-from DET.task import DetTask, make_optimizer, param_groups  # noqa: F401  (make_optimizer/param_groups: public API)
+from DET.task import DetTask, make_optimizer
 
 logger = logging.getLogger("DET")
 

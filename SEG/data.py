@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset, Sampler
 
 from chex_tasks.coco import load_coco
-from chex_tasks.harness.data import DataError, ShardSampler  # noqa: F401  (re-exported: SEG.data.DataError)
+from chex_tasks.harness.data import DataError  # noqa: F401  (re-exported: SEG.data.DataError)
 
 logger = logging.getLogger(__name__)
 

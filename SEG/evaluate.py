@@ -15,12 +15,11 @@ from typing import Iterable
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader
 
 from chex_core import distributed
 from chex_core.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from chex_tasks.coco import METRIC_NAMES, coco_evaluate
-from chex_tasks.harness.data import ShardSampler
+from chex_tasks.harness.data import make_eval_loader
 from chex_tasks.progress import progress
 
 from .data import CocoInstances, collate, split_paths
@@ -78,9 +77,8 @@ def predict(model: torch.nn.Module, dataset: CocoInstances, device: torch.device
 
     Returns (bbox results, segm results) over the whole dataset (first ``limit`` images if given).
     """
-    size = len(dataset) if limit is None else min(limit, len(dataset))
-    sampler = ShardSampler(size, distributed.get_rank(), distributed.get_world_size())
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate)
+    loader = make_eval_loader(dataset, batch_size=batch_size, workers=workers, rank=distributed.get_rank(),
+                              world_size=distributed.get_world_size(), collate_fn=collate, limit=limit)
     was_training = model.training
     model.eval()
     bbox_res, segm_res = [], []

@@ -24,9 +24,9 @@ from chex_core.engine import NonFiniteLossError
 from chex_tasks.harness import DataError, OneLineParser, Run, add_run_args, check_run_args, run_guarded, start_runtime
 
 from .data import CocoInstances, split_paths
-from .evaluate import FINAL_NAME, UPSTREAM_CHECKPOINT, evaluate_checkpoint, find_eval_checkpoint  # noqa: F401
+from .evaluate import UPSTREAM_CHECKPOINT, evaluate_checkpoint, find_eval_checkpoint  # noqa: F401 (re-exported)
 from .model import NORMS, CheckpointMismatchError
-from .task import COMPACT_NAME, SegTask  # noqa: F401
+from .task import SegTask
 
 logger = logging.getLogger("SEG.train")
 
