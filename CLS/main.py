@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 from chex_core.cli import add_chex_args, validate_chex_args  # noqa: E402
 from chex_core.engine import NonFiniteLossError  # noqa: E402
 from chex_tasks.harness import (DataError, OneLineParser, Run, add_run_args, check_run_args,  # noqa: E402
-                                make_amp, run_guarded, start_runtime)
+                                make_amp, require_at_least, run_guarded, start_runtime)
 from chex_tasks.harness.lr import DECAYS  # noqa: E402
 from chex_tasks.progress import progress  # noqa: E402
 from CLS import data as cls_data  # noqa: E402
@@ -133,19 +133,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Reject bad values with one line naming the flag (exit 2), before any process group or file is touched."""
     validate_chex_args(parser, args)
     check_run_args(parser, args)
-    for flag, value, low in (("--epochs", args.epochs, 1), ("-b/--batch-size", args.batch_size, 1),
-                             ("-j/--workers", args.workers, 0), ("--max-bad-images", args.max_bad_images, 0),
-                             ("--warmup", args.warmup, 0)):
-        if value < low:
-            parser.error(f"{flag} must be >= {low}, got {value}")
-    if args.image_size is not None and args.image_size < 8:
-        parser.error(f"--image-size must be >= 8, got {args.image_size}")
+    require_at_least(parser, ("--epochs", args.epochs, 1), ("-b/--batch-size", args.batch_size, 1),
+                     ("-j/--workers", args.workers, 0), ("--max-bad-images", args.max_bad_images, 0),
+                     ("--warmup", args.warmup, 0), ("--image-size", args.image_size, 8), ("--mixup", args.mixup, 0))
     if args.lr <= 0 or not math.isfinite(args.lr):
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if not 0 <= args.label_smoothing < 1:
         parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.mixup < 0:
-        parser.error(f"--mixup must be >= 0, got {args.mixup}")
     if not args.evaluate and args.warmup >= args.epochs:
         warnings.warn(f"--warmup {args.warmup} >= --epochs {args.epochs}: the LR never leaves its warmup ramp",
                       stacklevel=2)

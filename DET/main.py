@@ -28,7 +28,8 @@ if __package__ in (None, ""):  # run as a script from DET/ (upstream usage): mak
 from chex_core import checkpoint as ckpt_utils
 from chex_core import cli as chex_cli
 from chex_core.engine import NonFiniteLossError
-from chex_tasks.harness import DataError, OneLineParser, Run, add_run_args, check_run_args, run_guarded, start_runtime
+from chex_tasks.harness import (DataError, OneLineParser, Run, add_run_args, check_run_args, require_at_least,
+                                run_guarded, start_runtime)
 from DET.benchmark import run_benchmark
 from DET.box_coder import BoxCoder, dboxes300_coco
 from DET.data import build_loaders
@@ -100,14 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--data: directory not found: {args.data}")
     if args.mode in ("training", "benchmark-training") and args.bs < 2:
         parser.error(f"--bs must be >= 2 for training (BatchNorm on SSD's 1x1 feature map), got {args.bs}")
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--eval-batch-size", args.eval_batch_size, 1),
-                             ("--warmup", args.warmup, 0), ("--num-workers", args.num_workers, 0),
-                             ("--log-interval", args.log_interval, 1), ("--max-iters-per-epoch",
-                                                                         args.max_iters_per_epoch or 1, 1),
-                             ("--benchmark-iterations", args.benchmark_iterations, 1),
-                             ("--benchmark-warmup", args.benchmark_warmup, 0)):
-        if value < low:
-            parser.error(f"{flag} must be >= {low}, got {value}")
+    require_at_least(parser, ("--epochs", args.epochs, 1), ("--eval-batch-size", args.eval_batch_size, 1),
+                     ("--warmup", args.warmup, 0), ("--num-workers", args.num_workers, 0),
+                     ("--log-interval", args.log_interval, 1),
+                     ("--max-iters-per-epoch", args.max_iters_per_epoch or 1, 1),
+                     ("--benchmark-iterations", args.benchmark_iterations, 1),
+                     ("--benchmark-warmup", args.benchmark_warmup, 0))
     if args.learning_rate <= 0:
         parser.error(f"--learning-rate must be > 0, got {args.learning_rate}")
     if any(m < 0 for m in args.multistep) or args.multistep != sorted(args.multistep):

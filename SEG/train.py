@@ -21,7 +21,8 @@ import sys
 from chex_core import cli as chex_cli
 from chex_core.checkpoint import CheckpointError
 from chex_core.engine import NonFiniteLossError
-from chex_tasks.harness import DataError, OneLineParser, Run, add_run_args, check_run_args, run_guarded, start_runtime
+from chex_tasks.harness import (DataError, OneLineParser, Run, add_run_args, check_run_args, require_at_least,
+                                run_guarded, start_runtime)
 
 from .data import CocoInstances, split_paths
 from .evaluate import UPSTREAM_CHECKPOINT, evaluate_checkpoint, find_eval_checkpoint  # noqa: F401 (re-exported)
@@ -96,14 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    for flag in ("max_iter", "batch_size", "checkpoint_every", "print_freq", "min_size", "max_size"):
-        if getattr(args, flag) < 1:
-            name = "checkpoint-period" if flag == "checkpoint_every" else flag.replace("_", "-")
-            parser.error(f"--{name} must be >= 1, got {getattr(args, flag)}")
-    if args.workers < 0:
-        parser.error(f"--workers must be >= 0, got {args.workers}")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        parser.error(f"--eval-limit must be >= 1, got {args.eval_limit}")
+    require_at_least(parser, ("--max-iter", args.max_iter, 1), ("--batch-size", args.batch_size, 1),
+                     ("--checkpoint-period", args.checkpoint_every, 1), ("--print-freq", args.print_freq, 1),
+                     ("--min-size", args.min_size, 1), ("--max-size", args.max_size, 1), ("--workers", args.workers, 0),
+                     ("--eval-limit", args.eval_limit, 1))
     if sorted(args.steps) != args.steps:
         parser.error(f"--steps must be increasing, got {args.steps}")
     if args.T_max == 0:

@@ -7,11 +7,13 @@ from .checkpoint import Layout
 from .data import DataError, ShardSampler, TrainLoader, make_eval_loader, make_train_loader
 from .lr import LRSchedule
 from .run import Run, make_amp, sync_buffers
-from .runtime import OneLineParser, Runtime, UserError, one_line, run_guarded, setup_logging, start_runtime
+from .runtime import (OneLineParser, Runtime, UserError, one_line, require_at_least, run_guarded, setup_logging,
+                      start_runtime)
 from .task import Task
 
 __all__ = ["Layout", "DataError", "ShardSampler", "TrainLoader", "make_eval_loader", "make_train_loader", "LRSchedule",
-           "Run", "make_amp", "sync_buffers", "OneLineParser", "Runtime", "UserError", "one_line", "run_guarded",
+           "Run", "make_amp", "sync_buffers", "OneLineParser", "Runtime", "UserError", "one_line", "require_at_least",
+           "run_guarded",
            "setup_logging",
            "start_runtime", "Task", "add_run_args", "check_run_args"]
 
@@ -44,9 +46,7 @@ def check_run_args(parser, args) -> None:
     """One line naming the flag, exit 2, for a bad harness flag (before any process group or file is touched)."""
     import os
 
-    if args.keep_checkpoints < 1:
-        parser.error(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
-    if args.checkpoint_every < 0:
-        parser.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    require_at_least(parser, ("--keep-checkpoints", args.keep_checkpoints, 1),
+                     ("--checkpoint-every", args.checkpoint_every, 0))
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         parser.error(f"--resume: file not found: {args.resume}")

@@ -2,9 +2,9 @@
 
 ``factor(s) = warmup(s) * decay(s)`` after ``s`` optimizer steps:
 
-- warmup over ``warmup_steps``: ``start * (1 - a) + a`` with ``a = (s + offset) / warmup_steps`` while ``s < warmup_steps``,
-  where NVIDIA's recipes (CLS, DET) count from one with ``start = 0`` (``(s + 1) / W``) and maskrcnn-benchmark (SEG)
-  starts at ``warmup_factor`` with ``offset = 0``;
+- warmup over ``warmup_steps``: ``start * (1 - a) + a`` with ``a = (s + offset) / warmup_steps`` while
+  ``s < warmup_steps``, where NVIDIA's recipes (CLS, DET) count from one with ``start = 0`` (``(s + 1) / W``) and
+  maskrcnn-benchmark (SEG) starts at ``warmup_factor`` with ``offset = 0``;
 - decay: ``step`` multiplies by ``gamma`` for every milestone (in steps) reached; ``cosine``/``linear`` run from 1
   to 0 between the end of warmup and ``total_steps``.
 

@@ -27,8 +27,8 @@ import torch
 from chex_core import distributed as dist_utils
 from chex_core.checkpoint import capture_rng_state, restore_rng_state
 
-__all__ = ["UserError", "OneLineParser", "one_line", "setup_logging", "Runtime", "start_runtime", "capture_rng",
-           "restore_rng"]
+__all__ = ["UserError", "OneLineParser", "require_at_least", "one_line", "setup_logging", "Runtime", "start_runtime",
+           "capture_rng", "restore_rng"]
 
 log = logging.getLogger("chex_tasks.harness")
 
@@ -42,6 +42,14 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def require_at_least(parser: argparse.ArgumentParser, *checks: tuple[str, float | None, float]) -> None:
+    """One line naming the flag, exit 2, for the first ``(flag, value, minimum)`` whose value is below its minimum
+    (``None`` = not given, not checked)."""
+    for flag, value, low in checks:
+        if value is not None and value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
 
 
 def one_line(exc: BaseException) -> str:
