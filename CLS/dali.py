@@ -12,11 +12,14 @@ Same semantics as the ``pytorch`` backend (``CLS/data.py``):
   - val: decode, resize the shorter side to round(S·256/224) (antialiased), centre crop S×S, normalise;
   - order: in epoch e the training files are visited in a permutation that depends only on (seed, e) — exactly the
     indices ``DistributedSampler(shuffle=True, seed=seed, drop_last=True)`` gives rank r of w, so each DDP rank reads
-    its own equal shard and a resumed run replays the order (``Loaders.set_epoch``). Only full batches are trained,
-    as with the pytorch backend. Validation: rank r reads images r, r+w, … with no padding (``ShardSampler``), so
-    summed counts give the exact accuracy;
+    its own equal shard and a resumed run replays the order (the run harness calls ``set_epoch`` every epoch). Only full batches are trained,
+    as with the pytorch backend. Validation: rank r reads images r, r+w, … with no padding (the harness's
+    ``ShardSampler``), so summed counts give the exact accuracy;
   - augmentation randomness: the pipeline of epoch e on rank r is built with a seed derived from (seed, e, r), so a
-    resumed epoch also draws the same crops and flips.
+    resumed epoch also draws the same crops and flips;
+  - mid-epoch resume: the loader's ``state_dict`` is (epoch, batches served). DALI's random draws depend on every
+    batch the pipeline ran before, so a resumed loader rebuilds the epoch's pipeline and runs (and discards) the
+    batches already served: exact, at the cost of decoding them once more.
 
 Devices: ``dali-gpu`` decodes with nvJPEG ("mixed") and crops, resizes, flips and normalises on the GPU; batches
 arrive on the current CUDA device. ``dali-cpu`` runs everything on ``-j`` CPU threads and needs no GPU (the training
@@ -38,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from CLS.data import IMAGENET_MEAN, IMAGENET_STD, DataError, Loaders, check_image_folder
+from CLS.data import IMAGENET_MEAN, IMAGENET_STD, DataError, DataRequest, Loaders, check_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def train_indices(n: int, epoch: int, seed: int, rank: int, world_size: int) -> 
 
 
 def val_indices(n: int, rank: int, world_size: int) -> list[int]:
-    """Validation shard of ``rank``: r, r+w, … with no padding (``CLS.data.ShardSampler``)."""
+    """Validation shard of ``rank``: r, r+w, … with no padding (``chex_tasks.harness.data.ShardSampler``)."""
     return list(range(rank, n, world_size))
 
 
@@ -129,12 +132,26 @@ class DaliLoader:
 
     def __init__(self, samples: list[tuple[str, int]], cfg: DaliConfig):
         self.samples, self.cfg, self.epoch = samples, cfg, 0
+        self.served = 0          # batches of the current epoch handed out so far
+        self._skip = 0           # batches to run and discard at the next __iter__ (a mid-epoch resume)
         self._dali = import_dali(cfg.backend)
         self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.backend == "dali-gpu" \
             else torch.device("cpu")
 
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def state_dict(self) -> dict:
+        """Where the loader is inside its epoch (plain ints; the order and crops follow from (seed, epoch, rank))."""
+        return {"epoch": self.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue an epoch: the next ``__iter__`` starts after the ``served`` batches of ``epoch``."""
+        self.epoch, self._skip = int(state["epoch"]), int(state["served"])
 
     def indices(self) -> list[int]:
         c = self.cfg
@@ -155,7 +172,12 @@ class DaliLoader:
         batches = self.batches()
         pipe = build_pipeline(self._dali, self.cfg, self._source(batches),
                               pipeline_seed(self.cfg.seed, self.epoch, self.cfg.rank), self.device)
-        for batch in batches:
+        skip, self._skip = min(self._skip, len(batches)), 0
+        if skip:
+            log.info("%s: resuming epoch %d after batch %d (re-running the served batches so the augmentation "
+                     "draws continue exactly)", self.cfg.backend, self.epoch, skip)
+        self.served = 0
+        for i, batch in enumerate(batches):
             try:
                 images, labels = pipe.run()
             except RuntimeError as exc:          # DALI reports decode failures as RuntimeError
@@ -163,7 +185,9 @@ class DaliLoader:
                 raise DataError(f"DALI failed on a batch of {len(batch)} images ({files}, ...): "
                                 f"{str(exc).strip().splitlines()[0]}; the pytorch backend skips unreadable "
                                 "images") from None
-            yield self._to_torch(images), self._to_torch(labels)
+            self.served = i + 1
+            if i >= skip:
+                yield self._to_torch(images), self._to_torch(labels)
 
     def _source(self, batches: list[list[int]]):
         """Generator of the epoch's batches of encoded files and labels (DALI pulls it ahead of ``run``)."""
@@ -217,23 +241,14 @@ def build_pipeline(dali, cfg: DaliConfig, source, seed: int, device: torch.devic
     return p
 
 
-class DaliLoaders(Loaders):
-    """:class:`~CLS.data.Loaders` whose ``set_epoch`` reaches the DALI training loader."""
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.train is not None:
-            self.train.set_epoch(epoch)
-
-
-def build_loaders(backend: str, root: str | None, *, batch_size: int, workers: int, image_size: int | None,
-                  need_train: bool, rank: int, world_size: int, num_classes: int | None = None,
-                  max_bad_images: int = 100, seed: int = 0, **unused) -> DaliLoaders:
-    """DALI train/val loaders over the ImageNet layout (``root/train/<class>/*``, ``root/val/<class>/*``).
-
-    Same signature as :func:`CLS.data.build_loaders`; its DataLoader-only options (``pin_memory``,
-    ``synthetic_samples``) have no meaning here and are ignored. Raises :class:`DataError` for user errors (DALI
-    missing, no GPU for dali-gpu, bad folder layout).
-    """
+def build_loaders(backend: str, req: DataRequest) -> Loaders:
+    """DALI train/val loaders over the ImageNet layout (``root/train/<class>/*``, ``root/val/<class>/*``), for the
+    ``dali-*`` entries of :data:`CLS.data.BACKENDS`. DataLoader-only options of the request (``pin_memory``,
+    ``synthetic_samples``) have no meaning here. Raises :class:`DataError` for user errors (DALI missing, no GPU for
+    dali-gpu, bad folder layout)."""
+    root, batch_size, workers, image_size = req.root, req.batch_size, req.workers, req.image_size
+    need_train, rank, world_size, num_classes = req.need_train, req.rank, req.world_size, req.num_classes
+    max_bad_images, seed = req.max_bad_images, req.seed
     if backend not in DALI_BACKENDS:
         raise DataError(f"unknown DALI backend {backend!r} (choose from {', '.join(DALI_BACKENDS)})")
     reason = dali_unavailable_reason(backend)
@@ -261,4 +276,4 @@ def build_loaders(backend: str, root: str | None, *, batch_size: int, workers: i
                         f"of batch {batch_size}")
     log.info("%s: %d train / %d val images, %d classes, %d DALI thread(s)", backend,
              len(train.samples) if train else 0, len(val.samples), len(classes), max(1, workers))
-    return DaliLoaders(train, val, len(classes), image_size, None, None, seed)
+    return Loaders(train, val, len(classes), image_size)

@@ -28,6 +28,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
 from chex_core.checkpoint import state_dict_problems, strip_prefix
+from chex_tasks.export import read_compact
 from chex_core.compact import apply_width_spec, compact_model
 from chex_core.flops import count_macs
 from chex_core.groups import resnet_groups
@@ -47,7 +48,7 @@ TORCHVISION_PIXEL_STD = [0.229, 0.224, 0.225]
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """RPN/ROI sampling sizes. Upstream values are the defaults; the CPU tests shrink them (ENVIRONMENT.md §3)."""
+    """RPN/ROI sampling sizes. Upstream values are the defaults; the CPU tests shrink them to stay fast."""
 
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 2000
@@ -335,8 +336,8 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
     """Load weights from one of our checkpoints (``model`` key) or a released upstream one (``model`` or bare).
 
     Returns ``"upstream"`` or ``"native"``; for upstream files the pixel convention is switched to upstream's.
-    A compact checkpoint (``body_spec`` key) rebuilds the body (and the FPN laterals of narrowed residual streams)
-    to those widths first.
+    A compact checkpoint (any layout ``chex_tasks.export.read_compact`` reads) rebuilds the body (and the FPN laterals
+    of narrowed residual streams) to its widths first.
     Raises ``CheckpointMismatchError`` with the offending names on any mismatch.
     """
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
@@ -346,8 +347,12 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
         model.load_state_dict(convert_upstream_state_dict(state, model), strict=True)
         set_pixel_convention(model, upstream=True)
         return "upstream"
-    if checkpoint.get("body_spec"):
-        apply_width_spec(model, dict(checkpoint["body_spec"]), groups=channel_groups(model, residual=True))
+    compact = read_compact(checkpoint)
+    if compact is not None:
+        state = compact.state_dict
+        # the spec names body groups (residual streams too after --chex-residual); the groups say which layers,
+        # the FPN laterals included, each name narrows
+        apply_width_spec(model, compact.width_spec, groups=channel_groups(model, residual=True))
     state = strip_prefix(state)
     try:
         result = model.load_state_dict(state, strict=strict)

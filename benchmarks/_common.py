@@ -1,9 +1,9 @@
 """Helpers shared by the benchmark scripts: timing, FLOPs targeting for the explorer, machine description.
 
-Nothing here prunes, regrows or allocates channels: those decisions stay in ``chex_core``. This module only *asks*
+Nothing here prunes, regrows, allocates channels or counts FLOPs: those stay in ``chex_core``. This module only *asks*
 ``chex_core`` what a given global sparsity would produce (``chex_core.allocate.keep_counts`` is the same function the
-explorer calls at an event) and the resulting MACs (``chex_core.budget.MacsModel``, equal to ``chex_core.count_macs`` of
-the compact model), so a script can choose the sparsity that lands on a FLOPs budget.
+explorer calls at an event) and what it costs (``chex_core.budget.MacsModel``), so a script can choose the sparsity
+that lands on a FLOPs budget.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from chex_core import ChannelExplorer, ChannelGroup
-from chex_core.budget import MacsModel
 from chex_core.allocate import keep_counts, uniform_keep_counts
+from chex_core.budget import MacsModel
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +48,26 @@ def machine_info() -> dict:
 
 
 class WidthMacs:
-    """MACs (``chex_core.count_macs``, paper convention) of ``model`` rebuilt to a width per group.
+    """MACs (paper convention) of ``model`` with one width per channel group, as a function of the widths.
 
-    Computed analytically by ``chex_core.budget.MacsModel`` (one probing forward, then a sum over the convs and the
-    classifier), which equals ``count_macs`` of the physically smaller network rebuilt with
-    ``chex_core.apply_width_spec`` and of the masked dense model with those widths (tests/test_budget.py,
-    tests/test_coupled.py); downsample-only groups are never narrowed by ``compact_model`` and are not counted here.
+    This is ``chex_core.budget.MacsModel`` (one probe forward, then analytic: the same count as ``count_macs`` of the
+    masked or the compact model) keyed by the order of ``groups``; downsample groups are never narrowed and are left
+    out. ``model`` is left untouched.
 
     Args:
-        model: a dense model (left untouched).
+        model: a dense model.
         groups: its channel groups (e.g. ``resnet_groups(model)``, or ``resnet_groups(model, residual=True)``: the
-            residual streams narrow too); downsample-only groups are ignored.
+            residual streams narrow too).
         input_size: ``(C, H, W)`` of one image.
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], input_size: Sequence[int]) -> None:
         self.groups = [g for g in groups if g.kind != "downsample"]
-        self.input_size = tuple(input_size)
-        self._model = MacsModel(copy.deepcopy(model).cpu().float(), self.groups, self.input_size)
-        self.dense = self._model.dense()
+        self.macs_model = MacsModel(copy.deepcopy(model).cpu().float(), self.groups, tuple(input_size))
+        self.dense = self.macs_model.dense()
 
     def __call__(self, widths: Sequence[int]) -> int:
-        return self._model.macs({g.name: int(w) for g, w in zip(self.groups, widths)})
+        return self.macs_model.macs({g.name: int(w) for g, w in zip(self.groups, widths)})
 
 
 def bisect_sparsity(widths_for: Callable[[float], Sequence[int]], macs_of: Callable[[Sequence[int]], int],

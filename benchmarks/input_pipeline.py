@@ -112,7 +112,8 @@ class Feed:
 
     def epoch_images(self) -> int:
         """Deliver one epoch to the device, as the training loop would; returns the number of images."""
-        self.loaders.set_epoch(self.epoch)
+        if hasattr(self.loader, "set_epoch"):       # the training loader (the validation order is fixed)
+            self.loader.set_epoch(self.epoch)
         self.epoch += 1
         n = 0
         for images, _ in self.loader:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from CLS import dali as cls_dali
+from chex_tasks.harness.data import ShardSampler
 from CLS import data as cls_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def test_train_order_is_distributed_samplers_and_depends_on_seed_and_epoch_only(
 def test_val_shards_cover_every_image_once_without_padding():
     shards = [cls_dali.val_indices(11, r, 3) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(11))
-    assert shards[0] == list(cls_data.ShardSampler(11, 0, 3))
+    assert shards[0] == list(ShardSampler(11, 0, 3))
 
 
 def test_backends_are_selectable():
@@ -124,7 +125,7 @@ def test_train_pipeline_crops_flips_normalises_and_replays_an_epoch(tmp_path):
     assert len(train) == 2
 
     def epoch(e):
-        loaders.set_epoch(e)
+        train.set_epoch(e)
         xs, ys = zip(*list(train))
         return torch.cat(xs), torch.cat(ys)
 
@@ -140,6 +141,16 @@ def test_train_pipeline_crops_flips_normalises_and_replays_an_epoch(tmp_path):
     assert torch.equal(y1, y1b) and torch.equal(x1, x1b)
     x2, y2 = epoch(2)
     assert not torch.equal(y1, y2)
+    # mid-epoch resume: a fresh loader given the state after batch 1 of epoch 1 yields exactly the rest of it
+    train.set_epoch(1)
+    it = iter(train)
+    next(it)
+    state = train.state_dict()
+    assert state == {"epoch": 1, "served": 1}
+    fresh = _loaders("dali-cpu", root).train
+    fresh.load_state_dict(state)
+    rest = list(fresh)
+    assert len(rest) == 1 and torch.equal(rest[0][0], x1[4:]) and torch.equal(rest[0][1], y1[4:])
     # red grows left → right in every source image: a flipped crop has it falling instead
     slope = x1[:, 0, :, -4:].mean((1, 2)) - x1[:, 0, :, :4].mean((1, 2))
     flips = torch.cat([slope, x2[:, 0, :, -4:].mean((1, 2)) - x2[:, 0, :, :4].mean((1, 2))])
@@ -152,7 +163,7 @@ def test_two_ranks_read_disjoint_equal_shards(tmp_path):
     seen = []
     for rank in range(2):
         ld = _loaders("dali-cpu", root, batch_size=2, rank=rank, world_size=2)
-        ld.set_epoch(3)
+        ld.train.set_epoch(3)
         seen.append(torch.cat([y for _, y in ld.train]).tolist())
         assert seen[-1] == cls_dali.train_indices(9, 3, 5, rank, 2)
         assert sorted(torch.cat([y for _, y in ld.val]).tolist()) == cls_dali.val_indices(9, rank, 2)

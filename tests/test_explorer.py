@@ -21,7 +21,7 @@ def test_torchvision_resnet_groups(arch, n_groups, n_channels, n_with_down):
     assert len(resnet_groups(m, include_downsample=True)) == n_with_down
     names = {g.producer for g in groups}
     assert "conv1" not in names and not any(n.endswith("conv3") for n in names)   # stem and residual never pruned
-    if arch == "resnet50":   # the official ResNet-50 code has 36 prunable layers, 11392 channels (ALGORITHM.md §2.3)
+    if arch == "resnet50":   # the official ResNet-50 code: 36 prunable layers, 11392 channels (docs/algorithm.md)
         assert sum(g.size for g in resnet_groups(m, include_downsample=True)) == 11392
 
 
