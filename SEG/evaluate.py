@@ -2,7 +2,9 @@
 
 torchvision's Mask R-CNN already pastes each 28x28 mask into the original image (``masks``: (N, 1, H, W)
 probabilities); here they are thresholded at 0.5 and RLE-encoded, boxes go to xywh, contiguous labels back to COCO
-category ids. Inference is sharded over ranks and gathered on rank 0, which runs COCOeval.
+category ids. A model in maskrcnn-benchmark's conventions (``SEG.conventions``) produces inclusive pixel boxes, which
+upstream converts with width = x2 - x1 + 1; that is done here too, so a released checkpoint is scored as upstream
+scored it. Inference is sharded over ranks and gathered on rank 0, which runs COCOeval.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from chex_core import distributed
 from chex_tasks.coco import METRIC_NAMES, coco_evaluate
 from chex_tasks.progress import progress
 
+from .conventions import box_convention
 from .data import CocoInstances, ShardSampler, collate
 
 logger = logging.getLogger(__name__)
@@ -25,16 +28,21 @@ logger = logging.getLogger(__name__)
 MASK_THRESHOLD = 0.5
 
 
-def outputs_to_coco(output: dict, image_id: int, label_to_cat: dict[int, int]) -> tuple[list[dict], list[dict]]:
+def outputs_to_coco(output: dict, image_id: int, label_to_cat: dict[int, int],
+                    convention: str = "torchvision") -> tuple[list[dict], list[dict]]:
     """One image's Mask R-CNN output -> (bbox results, segm results) in COCO result format.
 
     ``output``: ``boxes`` (N, 4) xyxy pixels, ``labels`` (N,) contiguous, ``scores`` (N,), ``masks`` (N, 1, H, W)
-    in [0, 1]. Masks are binarised at 0.5 and RLE-encoded (counts as str, JSON-safe).
+    in [0, 1]. Masks are binarised at 0.5 and RLE-encoded (counts as str, JSON-safe). ``convention`` "upstream":
+    boxes are inclusive, width = x2 - x1 + 1 (maskrcnn-benchmark ``BoxList.convert("xywh")``).
     """
+    if convention not in ("torchvision", "upstream"):
+        raise ValueError(f"unknown box convention {convention!r}")
     boxes = output["boxes"].detach().float().cpu()
     scores = output["scores"].detach().float().cpu().tolist()
     labels = output["labels"].detach().cpu().tolist()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    extra = 1.0 if convention == "upstream" else 0.0
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2] + extra], dim=1).tolist()
     bbox_res, segm_res = [], []
     masks = None
     if "masks" in output and len(labels):
@@ -76,12 +84,13 @@ def predict(model: torch.nn.Module, dataset: CocoInstances, device: torch.device
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate)
     was_training = model.training
     model.eval()
+    convention = box_convention(model)
     bbox_res, segm_res = [], []
     try:
         for images, targets in progress(loader, total=len(loader), desc="eval", is_main=distributed.is_main_process()):
             outputs = model([img.to(device) for img in images])
             for out, tgt in zip(outputs, targets):
-                b, s = outputs_to_coco(out, tgt["image_id"], dataset.label_to_cat)
+                b, s = outputs_to_coco(out, tgt["image_id"], dataset.label_to_cat, convention)
                 bbox_res += b
                 segm_res += s
     finally:
