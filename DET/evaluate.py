@@ -1,7 +1,10 @@
 """SSD300 evaluation: decode + per-class NMS + top-200 → COCO results → COCOeval bbox; backbone FLOPs.
 
 Each rank runs its shard of the validation set; the COCO result dicts are gathered to rank 0, which runs
-``chex_tasks.coco.coco_evaluate`` over *all* validation images (images without detections count as misses).
+``chex_tasks.coco.coco_evaluate`` over the validation set's images (images without detections count as misses).
+As in NVIDIA's SSD, that set leaves out images without annotations (``DET.data.CocoDetection``) and boxes are not
+clipped to the image. Unlike NVIDIA's multi-GPU evaluation, no image is evaluated twice (its ``DistributedSampler``
+pads the last shard with repeated images, whose duplicate detections count as false positives).
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ def predict(model: nn.Module, loader, coder: BoxCoder, inverse_label_map: dict[i
                                                       sizes.tolist()):
                 boxes = det.boxes.cpu() * torch.tensor([width, height, width, height], dtype=torch.float32)
                 for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), det.labels.tolist(), det.scores.tolist()):
+                    # unrounded, as NVIDIA's evaluate() hands them to COCOeval
                     results.append({"image_id": int(image_id), "category_id": inverse_label_map[int(label)],
-                                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                                    "score": round(float(score), 5)})
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     finally:
         model.train(was_training)
     return results
