@@ -155,6 +155,9 @@ def hub(tmp_path, monkeypatch) -> Path:
 def test_imagenet_weights_come_from_the_torch_hub_cache(hub):
     torch.manual_seed(0)
     reference = torchvision.models.resnet18(weights=None)
+    # upstream's resnet50(pretrained=True) fetched torchvision's original ImageNet file (IMAGENET1K_V1), not the
+    # newer V2 weights that torchvision's DEFAULT now names
+    assert imagenet_weights_cache_file("resnet50").endswith("resnet50-0676ba61.pth")
     cached = Path(imagenet_weights_cache_file("resnet18"))
     assert cached.name == Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
     assert str(cached).startswith(str(hub / "torch_home"))

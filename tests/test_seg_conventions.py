@@ -194,7 +194,8 @@ def test_level_mapper_uses_plus_one_area_and_fixed_scales():
     model = apply_upstream_conventions(build_maskrcnn(4, norm="bn", head_norm="none", min_size=64, max_size=64))
     pooler = model.roi_heads.box_roi_pool
     feats = {str(k): torch.randn(1, 2, 64 // 2 ** (k + 2), 64 // 2 ** (k + 2)) for k in range(4)}
-    rois = torch.tensor([[2.0, 3.0, 40.0, 30.0], [0.0, 0.0, 63.0, 63.0]])
+    # the last ROI is the 224-px case above: level 4 upstream, level 3 with torchvision's mapper
+    rois = torch.tensor([[2.0, 3.0, 40.0, 30.0], [0.0, 0.0, 63.0, 63.0], [0.0, 0.0, 223.0, 223.0]])
     pooled = pooler(feats, [rois], [(64, 64)])
     for i, lvl in enumerate(mapper([rois]).tolist()):
         ref = roi_align(feats[str(lvl)], [rois[i:i + 1]], (7, 7), spatial_scale=1 / 2 ** (lvl + 2),
@@ -252,6 +253,31 @@ def test_rpn_ignores_anchors_straddling_the_border_in_training():
     assert rpn._visible(anchors, (40, 50)).tolist() == [True, False, True, False, True, False]
     rpn.straddle_thresh = -1
     assert rpn._visible(anchors, (40, 50)).all()
+
+
+def test_rpn_loss_sees_border_anchors_as_ignored(monkeypatch):
+    model = _tiny_model(conventions="upstream").train()
+    seen = {}
+    assign, loss = model.rpn.assign_targets_to_anchors, model.rpn.compute_loss
+
+    def spy_assign(anchors, targets):
+        seen["anchors"] = anchors
+        return assign(anchors, targets)
+
+    def spy_loss(objectness, deltas, labels, regression_targets):
+        seen["labels"] = labels
+        return loss(objectness, deltas, labels, regression_targets)
+
+    monkeypatch.setattr(model.rpn, "assign_targets_to_anchors", spy_assign)
+    monkeypatch.setattr(model.rpn, "compute_loss", spy_loss)
+    target = {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([2]),
+              "masks": torch.ones(1, 60, 50, dtype=torch.uint8)}
+    model([torch.rand(3, 60, 50)], [target])
+    a, labels = seen["anchors"][0], seen["labels"][0]
+    height, width = upstream_resize_shape(60, 50, 64, 64)  # the resized, unpadded image the anchors must fit
+    outside = ~((a[:, 0] >= 0) & (a[:, 1] >= 0) & (a[:, 2] < width) & (a[:, 3] < height))
+    assert outside.any() and (~outside).any()
+    assert (labels[outside] == -1).all() and (labels[~outside] >= 0).any()
 
 
 # ------------------------------------------------------------------------------ detections and masks
