@@ -451,6 +451,8 @@ def apply_upstream_conventions(model: MaskRCNN, cell_anchors: Sequence[Tensor] |
 
 def box_convention(model: nn.Module) -> str:
     """"upstream" (inclusive pixel boxes: width = x2 - x1 + 1) for a model switched by
-    ``apply_upstream_conventions``, else "torchvision" (width = x2 - x1). Looks through DDP's ``.module``."""
-    model = getattr(model, "module", model)
+    ``apply_upstream_conventions``, else "torchvision" (width = x2 - x1). Looks through DDP's ``.module`` and
+    ``torch.compile``'s ``._orig_mod``."""
+    for attr in ("module", "_orig_mod", "module"):
+        model = getattr(model, attr, model)
     return getattr(model, "box_convention", "torchvision")
