@@ -16,6 +16,7 @@ from torch import nn
 
 from chex_core import apply_width_spec, resnet_groups
 from chex_core.checkpoint import CheckpointError, load_checkpoint, state_dict_problems, strip_prefix
+from chex_tasks.export import read_compact
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ def read_weight_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     Accepted layouts (all via ``torch.load(weights_only=True)``):
       * upstream/NVIDIA checkpoints: ``{'epoch', 'arch', 'state_dict', 'best_prec1', 'optimizer', ...}`` with or
         without the ``module.`` prefix (full-size tensors, pruned channels zeroed);
-      * this project's checkpoints (the same plus ``explorer``, ``args`` …) and ``compact.pth``
-        (``{'state_dict', 'cfg', 'arch', 'num_classes', 'cifar_stem'}``);
+      * this project's checkpoints (the same plus ``explorer``, ``args`` …) and compact checkpoints
+        (``compact.pth``, any layout :func:`chex_tasks.export.read_compact` reads);
       * a plain state dict (e.g. torchvision's ``resnet50-*.pth``), or one under a ``model`` key.
 
     ``meta`` holds ``arch`` (str or None), ``cfg`` (width spec or None), ``cifar_stem`` (bool or None) and
@@ -78,7 +79,10 @@ def read_weight_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise WeightsError(str(exc).splitlines()[0]) from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}")
-    if "state_dict" in obj:
+    compact = read_compact(obj)
+    if compact is not None:
+        sd = compact.state_dict
+    elif "state_dict" in obj:
         sd = obj["state_dict"]
     elif "model" in obj and isinstance(obj["model"], Mapping):
         sd = obj["model"]
@@ -91,7 +95,7 @@ def read_weight_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         arch = arch[0] if arch else None
     args = obj.get("args") if isinstance(obj.get("args"), Mapping) else {}
     meta = {"arch": arch if isinstance(arch, str) else None,
-            "cfg": obj.get("cfg"),
+            "cfg": compact.width_spec if compact is not None else None,
             "cifar_stem": obj.get("cifar_stem", args.get("cifar_stem")),
             "image_size": obj.get("image_size", args.get("image_size"))}
     return dict(strip_prefix(dict(sd))), meta

@@ -25,28 +25,24 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import box_iou
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from chex_tasks.coco import load_coco
+from chex_tasks.harness.data import DataError, TrainLoader, make_eval_loader, make_train_loader
 from DET.box_coder import BoxCoder
 
 __all__ = ["DataError", "CocoDetection", "SSDTrainTransform", "SSDEvalTransform", "build_loaders", "Loaders",
-           "ShardSampler", "dataset_paths"]
+           "dataset_paths"]
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SSD_SIZE = 300
-
-
-class DataError(RuntimeError):
-    """A user-facing data problem: missing annotation file, images listed but absent, corrupt image."""
 
 
 def dataset_paths(data_dir, split: str, year: str = "2017") -> tuple[pathlib.Path, pathlib.Path]:
@@ -205,59 +201,30 @@ class SSDEvalTransform:
         return _normalise(img), image_id, torch.tensor([height, width])
 
 
-class ShardSampler(torch.utils.data.Sampler):
-    """Indices ``rank, rank + world, …`` of a dataset: disjoint shards with no padding, so gathered
-    evaluation results hold every image exactly once (``DistributedSampler`` repeats images to even out
-    the shards, which would add duplicate detections and change AP)."""
-
-    def __init__(self, dataset):
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.n = len(dataset)
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
-
-
 @dataclass
 class Loaders:
-    train: DataLoader | None
+    train: TrainLoader | None
     val: DataLoader
-    train_sampler: DistributedSampler | None  # None only without a training set
     train_set: CocoDetection | None
     val_set: CocoDetection
 
 
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker's torch RNG (base_seed + id); derive Python's `random` from it
-    random.seed(torch.initial_seed() % 2**32)
-
-
 def build_loaders(data_dir, coder: BoxCoder, batch_size: int, eval_batch_size: int, num_workers: int,
-                  distributed: bool, seed: int, with_train: bool = True) -> Loaders:
-    """Train loader (shuffled by a ``DistributedSampler`` with ``set_epoch``; ``drop_last``: BatchNorm on the 1×1
-    map needs ≥ 2 images) and val loader (each rank evaluates a disjoint shard; see ``DET.evaluate``)."""
+                  rank: int, world_size: int, seed: int, with_train: bool = True) -> Loaders:
+    """Train loader (the run harness's resumable loader, shuffled per epoch as a ``DistributedSampler`` even in one
+    process; ``drop_last``: BatchNorm on the 1×1 map needs ≥ 2 images) and val loader (each rank evaluates a
+    disjoint shard; see ``DET.evaluate``)."""
     val_dir, val_ann = dataset_paths(data_dir, "val")
     val_set = CocoDetection(val_dir, val_ann, SSDEvalTransform(), train=False)
-    val_sampler = ShardSampler(val_set) if distributed else None
-    generator = torch.Generator().manual_seed(seed)
-    val = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_sampler, shuffle=False,
-                     num_workers=num_workers, worker_init_fn=_seed_worker)
-    train = train_sampler = train_set = None
+    val = make_eval_loader(val_set, batch_size=eval_batch_size, workers=num_workers, rank=rank, world_size=world_size)
+    train = train_set = None
     if with_train:
         train_dir, train_ann = dataset_paths(data_dir, "train")
         train_set = CocoDetection(train_dir, train_ann, SSDTrainTransform(coder), train=True)
         if train_set.label_map != val_set.label_map:
             raise DataError(f"train and val annotation files have different categories ({train_ann}, {val_ann})")
-        # a DistributedSampler even in one process: the order of epoch k depends only on (seed, k), so a resumed
-        # run sees the same data order as an uninterrupted one
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                           drop_last=True)
-        train = DataLoader(train_set, batch_size=batch_size, sampler=train_sampler, num_workers=num_workers,
-                           drop_last=True, worker_init_fn=_seed_worker, generator=generator)
-        if len(train) == 0:
+        if len(train_set) < batch_size * world_size:
             raise DataError(f"{len(train_set)} training images are fewer than one batch ({batch_size} per process)")
-    return Loaders(train, val, train_sampler, train_set, val_set)
+        train = make_train_loader(train_set, batch_size=batch_size, workers=num_workers, seed=seed, rank=rank,
+                                  world_size=world_size, distributed_order=True)
+    return Loaders(train, val, train_set, val_set)

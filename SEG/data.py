@@ -13,6 +13,7 @@ COCO2017 has the same split under other names: train2017 = train2014 + valminusm
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 from collections import defaultdict
@@ -27,12 +28,9 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from chex_tasks.coco import load_coco
+from chex_tasks.harness.data import DataError  # noqa: F401  (re-exported: SEG.data.DataError)
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """Bad input data (missing/corrupt file); the message names the file."""
 
 
 def split_paths(root: str | Path, split: str, year: str = "2014") -> tuple[Path, Path]:
@@ -290,12 +288,13 @@ class GroupedInfiniteBatchSampler(Sampler[list[int]]):
 
     Each pass over the data is a seeded permutation (seed + pass index, identical on every rank) split into
     per-rank shards of equal length; indices are then batched within their group so padded batches waste little.
-    Yields ``num_iterations - start_iter`` batches of ``batch_size`` indices: resuming at ``start_iter`` continues
-    the same stream (the sampler is deterministic), so a resumed run sees the data it would have seen.
+    Yields ``num_iterations`` batches of ``batch_size`` indices. The stream depends only on its arguments, so the
+    harness's stateful loader resumes it by replaying the sampler to the checkpointed position
+    (``chex_tasks.harness.data``): a resumed run sees the data it would have seen.
     """
 
     def __init__(self, group_ids: Sequence[int], batch_size: int, num_iterations: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, start_iter: int = 0):
+                 world_size: int = 1, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         per_rank = math.ceil(len(group_ids) / world_size)
@@ -306,7 +305,7 @@ class GroupedInfiniteBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.num_iterations = num_iterations
         self.rank, self.world_size = rank, world_size
-        self.seed, self.start_iter = seed, start_iter
+        self.seed = seed
 
     def _shard(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + epoch)
@@ -334,26 +333,7 @@ class GroupedInfiniteBatchSampler(Sampler[list[int]]):
             epoch += 1
 
     def __iter__(self) -> Iterator[list[int]]:
-        produced = 0
-        for batch in self._all_batches():
-            if produced >= self.num_iterations:
-                return
-            if produced >= self.start_iter:
-                yield batch
-            produced += 1
+        return itertools.islice(self._all_batches(), self.num_iterations)
 
     def __len__(self) -> int:
-        return max(0, self.num_iterations - self.start_iter)
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation sampler: rank r gets indices r, r+W, … (no padding, so every image is evaluated once)."""
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, size, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+        return max(0, self.num_iterations)

@@ -1,7 +1,7 @@
 """Mask R-CNN R-50-FPN with a trainable-norm backbone body, for CHEX on COCO2014.
 
 Built from torchvision parts (no vendored maskrcnn-benchmark). Only ``model.backbone.body`` (the ResNet-50 trunk)
-is pruned; the FPN and the heads stay dense, as in the released SEG code (ALGORITHM.md §2.3).
+is pruned; the FPN and the heads stay dense, as in the released SEG code (docs/algorithm.md).
 
 Upstream (zejiangh/Filter-GaP ``SEG/pytorch``, maskrcnn-benchmark) layout that this module can mirror:
 - GroupNorm(32) in the body, the FPN, the box head (fc6/fc7) and the mask head (``--norm gn --head-norm gn``);
@@ -28,6 +28,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
 from chex_core.checkpoint import state_dict_problems, strip_prefix
+from chex_tasks.export import read_compact
 from chex_core.compact import apply_width_spec, compact_model
 from chex_core.flops import count_macs
 from chex_core.groups import resnet_groups
@@ -51,7 +52,7 @@ TORCHVISION_PIXEL_STD = [0.229, 0.224, 0.225]
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """RPN/ROI sampling sizes. Upstream values are the defaults; the CPU tests shrink them (ENVIRONMENT.md §3)."""
+    """RPN/ROI sampling sizes. Upstream values are the defaults; the CPU tests shrink them to stay fast."""
 
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 2000
@@ -205,7 +206,7 @@ def compact_body(model: MaskRCNN, masks: dict[str, torch.Tensor]) -> tuple[nn.Mo
     """Physically slice the masked body. Only for BN bodies.
 
     A GroupNorm body cannot be compacted exactly: GN statistics are taken over groups that include the zeroed
-    channels, and pruned widths are generally not divisible by 32 groups (ALGORITHM.md §5.3). So a GN model stays
+    channels, and pruned widths are generally not divisible by 32 groups (docs/algorithm.md). So a GN model stays
     dense with zeros (which is also what upstream released) and this raises ``ValueError``.
     """
     body = model.backbone.body
@@ -336,7 +337,8 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
     Returns ``"upstream"`` or ``"native"``. An upstream file switches the model to upstream's conventions
     (``SEG.conventions``: anchors, "+1" box coding, proposal/detection selection, pixel convention) and installs the
     file's own ``cell_anchors`` when it has them, so it is evaluated or fine-tuned with the arithmetic it was
-    trained with. A compact checkpoint (``body_spec`` key) rebuilds the body to those widths first.
+    trained with. A compact checkpoint (any layout ``chex_tasks.export.read_compact`` reads) rebuilds the body to
+    its widths first.
     Raises ``CheckpointMismatchError`` with the offending names on any mismatch.
     """
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
@@ -346,8 +348,10 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
         model.load_state_dict(convert_upstream_state_dict(state, model), strict=True)
         _switch_to_upstream(model, state)
         return "upstream"
-    if checkpoint.get("body_spec"):
-        apply_width_spec(model.backbone.body, dict(checkpoint["body_spec"]))
+    compact = read_compact(checkpoint)
+    if compact is not None:
+        state = compact.state_dict
+        apply_width_spec(model.get_submodule(compact.module) if compact.module else model, compact.width_spec)
     state = strip_prefix(state)
     try:
         result = model.load_state_dict(state, strict=strict)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .allocate import keep_counts
 from .groups import ChannelGroup
+from .layout import model_layout
 
 __all__ = ["MacsModel", "parse_flops", "keep_counts_for_macs", "sparsity_for_macs", "FeasibilityReport"]
 
@@ -41,8 +42,9 @@ class MacsModel:
     """
 
     def __init__(self, module: nn.Module, groups: Sequence[ChannelGroup], input_size: Sequence[int]) -> None:
-        out_of = {g.producer: g.name for g in groups}
-        in_of = {c: g.name for g in groups for c in g.consumers}
+        layouts = model_layout(groups)
+        out_of = {m: lay.name for lay in layouts for m in lay.modules("producer")}
+        in_of = {m: lay.name for lay in layouts for m in lay.modules("consumer")}
         self.sizes = {g.name: g.size for g in groups}
         terms: list[_Term] = []
         hooks = []

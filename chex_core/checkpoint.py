@@ -2,7 +2,7 @@
 
 A save writes a temp file in the target folder, fsyncs it, ``os.replace``s it over the final name and fsyncs the
 folder, so a crash at any moment leaves either the old file or the new one, never a torn one
-(RELIABILITY_AND_PERFORMANCE.md F9, T4). :class:`CheckpointManager` adds rolling retention, a ``model_best`` copy that
+(the README's reliability table, T4). :class:`CheckpointManager` adds rolling retention, a ``model_best`` copy that
 a NaN metric never wins (T5), and discovery of the newest *loadable* checkpoint for ``--resume auto`` (T6).
 """
 from __future__ import annotations

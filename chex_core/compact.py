@@ -1,12 +1,13 @@
 """Physical channel removal: a masked model → a smaller model, plus the width spec that rebuilds it.
 
-``compact_model`` slices every inner group's producer conv (output rows), norm (entries) and consumer convs (input
-columns). Downsample groups keep their full width: a plain ResNet adds the shortcut to the full residual stream, so a
-narrowed shortcut cannot be expressed (ALGORITHM.md §2.3); their masked channels stay as zeros. In eval mode the
-compact model computes exactly what the masked model computes (up to float rounding).
+``compact_model`` slices every tensor of every narrowable group, as :mod:`chex_core.layout` lists them: producer
+convs (output rows), norms (entries) and consumer convs (input columns). Downsample groups keep their full width: a
+plain ResNet adds the shortcut to the full residual stream, so a narrowed shortcut cannot be expressed
+(docs/algorithm.md §2); their masked channels stay as zeros. In eval mode the compact model computes exactly what
+the masked model computes (up to float rounding).
 
 GroupNorm is rejected: its statistics are taken over groups of channels, so removing channels changes what the
-remaining ones compute (ALGORITHM.md §5.3).
+remaining ones compute (docs/algorithm.md §7.1).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .groups import ChannelGroup, resnet_groups
+from .groups import _NORM_TYPES, ChannelGroup, resnet_groups
+from .layout import model_layout
 
 __all__ = ["compact_model", "apply_width_spec"]
 
@@ -44,50 +46,59 @@ def _new_norm(norm: nn.Module, name: str, c: int) -> nn.Module:
     return new
 
 
-def _plan(groups: Sequence[ChannelGroup], index: Mapping[str, torch.Tensor]) -> tuple[dict, dict, dict]:
-    """Per conv: kept output / input indices; per norm: kept indices."""
-    out_idx, in_idx, norm_idx = {}, {}, {}
-    for g in groups:
-        if g.kind == "downsample" or g.name not in index:
+def _plan(groups: Sequence[ChannelGroup], index: Mapping[str, torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
+    """Per module: the kept channel indices along each of its channel dims (conv: 0 = out, 1 = in; norm: 0)."""
+    plan: dict[str, dict[int, torch.Tensor]] = {}
+    for lay in model_layout(groups):
+        if not lay.narrowable or lay.name not in index:
             continue
-        idx = index[g.name]
+        idx = index[lay.name]
         if idx.numel() == 0:
-            raise ValueError(f"group {g.name!r} has no channels left; a compact model needs at least one")
-        out_idx[g.producer] = idx
-        norm_idx[g.norm] = idx
-        for c in g.consumers:
-            in_idx[c] = idx
-    return out_idx, in_idx, norm_idx
+            raise ValueError(f"group {lay.name!r} has no channels left; a compact model needs at least one")
+        for s in lay.slices:
+            plan.setdefault(s.module, {})[s.dim] = idx
+    return plan
+
+
+@torch.no_grad()
+def _new_conv_from(conv: nn.Module, name: str, dims: Mapping[int, torch.Tensor], copy_values: bool) -> nn.Conv2d:
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"compact export slices convolutions and norm layers; {name!r} is {type(conv).__name__}")
+    o = dims.get(0, torch.arange(conv.out_channels))
+    i = dims.get(1, torch.arange(conv.in_channels))
+    new = _new_conv(conv, len(i), len(o))
+    if copy_values:
+        dev = conv.weight.device
+        new.weight.copy_(conv.weight[o.to(dev)][:, i.to(dev)])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[o.to(dev)])
+    return new
+
+
+@torch.no_grad()
+def _new_norm_from(norm: nn.Module, name: str, idx: torch.Tensor, copy_values: bool) -> nn.Module:
+    new = _new_norm(norm, name, len(idx))
+    if copy_values:
+        idx = idx.to(norm.weight.device)
+        new.weight.copy_(norm.weight[idx])
+        new.bias.copy_(norm.bias[idx])
+        if getattr(norm, "running_mean", None) is not None:
+            new.running_mean.copy_(norm.running_mean[idx])
+            new.running_var.copy_(norm.running_var[idx])
+            new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    return new
 
 
 @torch.no_grad()
 def _rebuild(model: nn.Module, groups: Sequence[ChannelGroup], index: Mapping[str, torch.Tensor],
              copy_values: bool) -> None:
-    out_idx, in_idx, norm_idx = _plan(groups, index)
     mods = dict(model.named_modules())
-    for name in sorted(set(out_idx) | set(in_idx)):
-        conv = mods[name]
-        o = out_idx.get(name, torch.arange(conv.out_channels))
-        i = in_idx.get(name, torch.arange(conv.in_channels))
-        new = _new_conv(conv, len(i), len(o))
-        if copy_values:
-            dev = conv.weight.device
-            new.weight.copy_(conv.weight[o.to(dev)][:, i.to(dev)])
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias[o.to(dev)])
-        _set_module(model, name, new)
-    for name, idx in norm_idx.items():
-        norm = mods[name]
-        new = _new_norm(norm, name, len(idx))
-        if copy_values:
-            dev = norm.weight.device
-            idx = idx.to(dev)
-            new.weight.copy_(norm.weight[idx])
-            new.bias.copy_(norm.bias[idx])
-            if getattr(norm, "running_mean", None) is not None:
-                new.running_mean.copy_(norm.running_mean[idx])
-                new.running_var.copy_(norm.running_var[idx])
-                new.num_batches_tracked.copy_(norm.num_batches_tracked)
+    for name, dims in sorted(_plan(groups, index).items()):
+        old = mods[name]
+        if isinstance(old, _NORM_TYPES):
+            new = _new_norm_from(old, name, dims[0], copy_values)
+        else:
+            new = _new_conv_from(old, name, dims, copy_values)
         _set_module(model, name, new)
 
 

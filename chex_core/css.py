@@ -1,4 +1,4 @@
-"""Intra-layer pruning as column subset selection (CSS) of a conv weight matrix (ALGORITHM.md §2).
+"""Intra-layer pruning as column subset selection (CSS) of a conv weight matrix (docs/algorithm.md §3).
 
 A conv weight ``W`` of shape ``(C_out, C_in, k, k)`` is read as ``X = reshape(W, (C_out, -1))ᵀ`` of shape
 ``(C_in·k·k, C_out)``: column ``j`` is output channel ``j``. Choosing which ``k`` channels to keep is choosing ``k``
@@ -6,10 +6,16 @@ columns that best span ``X``. Criteria, behind one function:
 
 - ``qr``: column-pivoted QR (LAPACK ``geqp3`` through scipy, on a CPU float64 copy); the first ``k`` pivots are the
   kept channels. This is the QR-based CSS this project is specified with (the default).
-- ``leverage``: top-``k`` leverage scores ``‖(V_k)_{j,:}‖₂`` from a thin SVD, as the official CLS code (``CSS``).
+- ``leverage``: top-``k`` leverage scores ``‖(V_k)_{j,:}‖₂`` from a thin SVD, as the official CLS code.
 - ``l1``: filter L1 norm. Also the fallback of every criterion when ``X`` is wide (``C_in·k·k < C_out``), as upstream.
 
-Channels that are currently pruned have all-zero columns, so they are never preferred over live ones.
+Live channels first. Channels that are currently pruned have all-zero columns, but "never preferred over live ones"
+only holds while ``k`` is at most the rank of the live columns: past the rank every remaining residual is zero, and
+geqp3 breaks those ties by position, leverage scores give null-space columns weight, so a pruned channel could be
+"kept" in place of a live one. Given the live set, :func:`select_channels` therefore runs the criterion on the live
+columns only, and when ``k`` exceeds the number of live channels it keeps them all and fills the remainder
+deterministically: the pruned channels whose remembered (MRU) columns are farthest from the span of the live ones
+(the regrowth score of docs/algorithm.md §4, taken greedily instead of sampled), ties to the lower index.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-__all__ = ["CRITERIA", "weight_matrix", "qr_pivots", "leverage_scores", "l1_scores", "select_channels"]
+__all__ = ["CRITERIA", "weight_matrix", "qr_pivots", "leverage_scores", "l1_scores", "select_channels",
+           "projection_residuals"]
 
 CRITERIA = ("qr", "leverage", "l1")
 
@@ -50,16 +57,47 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
-def select_channels(weight: torch.Tensor, k: int, criterion: str = "qr") -> torch.Tensor:
+def projection_residuals(x: torch.Tensor, kept: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``‖(I − P_S) x_j‖₂`` for each candidate column ``j`` of ``x`` (``(m, n)`` float64), ``S`` = ``kept`` columns:
+    how badly the kept channels explain each candidate (the regrowth score, and the fill order above)."""
+    xc = x[:, candidates]
+    if kept.numel() == 0:
+        return xc.norm(dim=0)
+    xs = x[:, kept]
+    coef = torch.linalg.pinv(xs) @ xc          # least-squares coefficients in the kept basis
+    return (xc - xs @ coef).norm(dim=0)
+
+
+def _choose(weight: torch.Tensor, x: torch.Tensor, cols: torch.Tensor, k: int, criterion: str) -> torch.Tensor:
+    """``k`` of the columns ``cols`` of ``x`` by ``criterion`` (wide matrices: L1, decided on the full matrix)."""
+    if criterion == "l1" or x.shape[0] < weight.shape[0]:
+        return cols[_top(l1_scores(weight)[cols], k)]
+    sub = x[:, cols]
+    if criterion == "qr":
+        return cols[qr_pivots(sub)[:k]]
+    return cols[_top(leverage_scores(sub, k), k)]
+
+
+def select_channels(weight: torch.Tensor, k: int, criterion: str = "qr", *, live: torch.Tensor | None = None,
+                    restored: torch.Tensor | None = None) -> torch.Tensor:
     """Choose ``k`` output channels of a conv weight to keep.
 
     Args:
         weight: ``(C_out, C_in, kh, kw)`` (masked entries are zero).
         k: number of channels to keep, ``0 ≤ k ≤ C_out``.
         criterion: one of :data:`CRITERIA`.
+        live: bool ``(C_out,)``, the channels of the current sub-model; the criterion chooses among them, and only
+            when ``k`` exceeds their number are others added (see the module docstring). None: all channels are
+            candidates (the plain criterion on the whole matrix).
+        restored: the weight with the pruned channels' remembered values, used to rank the fill; default ``weight``
+            (all-zero pruned columns: the fill is then the lowest indices).
 
     Returns:
         Sorted LongTensor of ``k`` channel indices (CPU).
+
+    Raises:
+        ValueError: unknown criterion, ``k`` out of range, or a non-finite weight (QR and SVD would return
+            arbitrary choices).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown CSS criterion {criterion!r}; choose one of {CRITERIA}")
@@ -71,10 +109,15 @@ def select_channels(weight: torch.Tensor, k: int, criterion: str = "qr") -> torc
     if k == 0:
         return torch.zeros(0, dtype=torch.long)
     x = weight_matrix(weight)
-    if criterion == "l1" or x.shape[0] < c_out:
-        chosen = _top(l1_scores(weight), k)
-    elif criterion == "qr":
-        chosen = qr_pivots(x)[:k]
-    else:
-        chosen = _top(leverage_scores(x, k), k)
-    return torch.sort(chosen).values
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("select_channels: the weight has NaN or Inf entries")
+    if live is None:
+        return torch.sort(_choose(weight, x, torch.arange(c_out), k, criterion)).values
+    live_idx = live.to("cpu", torch.bool).nonzero().flatten()
+    if k <= live_idx.numel():
+        return torch.sort(_choose(weight, x, live_idx, k, criterion)).values
+    dead = (~live.to("cpu", torch.bool)).nonzero().flatten()
+    xr = x if restored is None else weight_matrix(restored)
+    scores = projection_residuals(xr, live_idx, dead)
+    fill = dead[_top(scores, k - live_idx.numel())]
+    return torch.sort(torch.cat([live_idx, fill])).values

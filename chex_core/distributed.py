@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "is_dist", "get_rank", "get_world_size", "is_main_process", "barrier",
-           "broadcast_tensor_", "broadcast_object", "all_reduce_mean", "all_gather_object", "unwrap_model",
-           "cleanup"]
+           "broadcast_tensor_", "broadcast_object", "all_reduce_mean", "all_reduce_max", "all_gather_object",
+           "unwrap_model", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     buf = tensor.detach().to(dev, copy=True)
     dist.all_reduce(buf)
     return (buf / get_world_size()).to(tensor.device)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (a new tensor; the input is left alone), e.g. to agree on error flags."""
+    if not is_dist():
+        return tensor.detach().clone()
+    buf = tensor.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.to(tensor.device)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

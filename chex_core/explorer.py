@@ -1,4 +1,4 @@
-"""ChannelExplorer: the one stateful object of CHEX (ALGORITHM.md §1–§5).
+"""ChannelExplorer: the one stateful object of CHEX (docs/algorithm.md §1–§6).
 
 It owns the channel masks, the most-recently-used (MRU) values of pruned channels and the event counter. Training code
 calls :meth:`ChannelExplorer.start` once at the beginning of a fresh run and :meth:`ChannelExplorer.after_step`
@@ -6,13 +6,19 @@ after every optimizer step; everything else happens inside.
 
 One event, at the start of every ΔT-th unit up to T_max (the order of the official ``IS_update_channel_mask``):
 
+0. every tensor the groups live in is checked for NaN/Inf (one error naming the tensors, the same on every rank);
 1. δ_t from the cosine schedule; per-group keep counts at sparsity S (``keep``) and S − δ_t (``active``) from the
    global ``|γ|`` ranking (or uniform);
-2. CSS on each producer's current (masked) weights chooses the ``keep`` channels;
-3. every pruned channel gets its MRU values back (producer filter, norm γ/β and running stats, consumer input slice);
+2. CSS on each producer's current (masked) weights chooses the ``keep`` channels among the live ones;
+3. every pruned channel gets its MRU values back (every tensor of the group's :mod:`~chex_core.layout`);
 4. ``active − keep`` channels regrow by importance sampling on the restored weights;
 5. rank 0's masks are broadcast; the values of every channel outside the new masks are stored as the new MRU values;
-6. masks are applied: pruned weights, γ/β and their optimizer state become exactly zero.
+6. masks are applied: pruned weights, γ/β and their optimizer state become exactly zero; regrown entries of Adam-like
+   second moments get the layer's mean (:func:`chex_core.masking.fill_regrown_second_moments`).
+
+The model may be moved or cast at any time (``model.to(device)``, ``.double()``, ``.half()``, a parameter
+replaced): the per-step mask multipliers are rebuilt whenever a masked parameter's storage is no longer the one they
+were built for (a per-parameter identity check, no per-step work proportional to the parameters' sizes).
 """
 from __future__ import annotations
 
@@ -26,17 +32,23 @@ from torch import nn
 from . import distributed as dist_utils
 from .allocate import ALLOCATIONS, keep_counts, uniform_keep_counts
 from .budget import MacsModel, keep_counts_for_macs
-from .css import CRITERIA, l1_scores, select_channels
+from .css import CRITERIA, select_channels
 from .groups import ChannelGroup
+from .layout import GroupLayout, model_layout
+from .masking import MaskCache, fill_regrown_second_moments, liveness
 from .regrow import REGROW_METHODS, regrow_channels
 from .schedule import ExplorationSchedule
 
-__all__ = ["ChannelExplorer", "EventReport"]
+__all__ = ["ChannelExplorer", "EventReport", "NonFiniteWeightError"]
 
 log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
 _NORM_BUFFERS = ("running_mean", "running_var")
+
+
+class NonFiniteWeightError(RuntimeError):
+    """A tensor CHEX decides from holds NaN or Inf at an exploration event (raised on every rank alike)."""
 
 
 @dataclass
@@ -95,85 +107,41 @@ class ChannelExplorer:
         self.min_channels, self.seed = int(min_channels), int(seed)
         self.round_to, self.target_macs, self.macs_model = int(round_to), target_macs, macs_model
         modules = dict(model.named_modules())
-        for g in self.groups:
-            for name in (g.producer, g.norm, *g.consumers):
+        self.layouts: list[GroupLayout] = model_layout(self.groups)
+        for lay in self.layouts:
+            for name in lay.modules():
                 if name not in modules:
-                    raise ValueError(f"group {g.name!r} refers to {name!r}, which is not a module of the model")
+                    raise ValueError(f"group {lay.name!r} refers to {name!r}, which is not a module of the model")
         self._mods = modules
         self.masks: dict[str, torch.Tensor] = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         self.mru: dict[str, dict[str, torch.Tensor]] = {}
         self.event_count = 0
         self.last_event_step = 0
         self.started = False
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._masker = MaskCache()
         self._build_cache()
 
     # ------------------------------------------------------------------ masks
-    def _slices(self, g: ChannelGroup) -> list[tuple[str, torch.Tensor, int]]:
-        """Every tensor a group's channels live in: (key, tensor, channel dim)."""
-        prod, norm = self._mods[g.producer], self._mods[g.norm]
-        out = [("producer.weight", prod.weight.data, 0)]
-        if getattr(prod, "bias", None) is not None:
-            out.append(("producer.bias", prod.bias.data, 0))
-        out += [("norm.weight", norm.weight.data, 0), ("norm.bias", norm.bias.data, 0)]
-        for buf in _NORM_BUFFERS:
-            t = getattr(norm, buf, None)
-            if t is not None:
-                out.append((f"norm.{buf}", t, 0))
-        for i, c in enumerate(g.consumers):
-            out.append((f"consumer{i}.weight", self._mods[c].weight.data, 1))
-        return out
-
-    def _params(self, g: ChannelGroup) -> list[tuple[nn.Parameter, int]]:
-        """The parameters masking touches (not the running statistics), with their channel dim."""
-        prod, norm = self._mods[g.producer], self._mods[g.norm]
-        ps = [(prod.weight, 0)]
-        if getattr(prod, "bias", None) is not None:
-            ps.append((prod.bias, 0))
-        ps += [(norm.weight, 0), (norm.bias, 0)]
-        ps += [(self._mods[c].weight, 1) for c in g.consumers]
-        return ps
-
     def _build_cache(self) -> None:
-        """One full-shape multiplier per masked parameter (the product of its output- and input-side masks), so the
-        per-step re-application is a single fused ``_foreach_mul_`` over parameters (and one over optimizer state)."""
-        mult: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for g in self.groups:
-            m = self.masks[g.name]
-            for p, dim in self._params(g):
-                shape = [1] * p.dim()
-                shape[dim] = -1
-                view = m.to(device=p.device, dtype=p.dtype).view(shape)
-                if id(p) in mult:
-                    mult[id(p)] = (p, mult[id(p)][1] * view)
-                else:
-                    mult[id(p)] = (p, view.expand_as(p).clone())
-        self._cache = list(mult.values())
-        self._params_list = [p.data for p, _ in self._cache]
-        self._mult_list = [m for _, m in self._cache]
+        """(Re)build the per-step mask multipliers for the current masks and the model's current tensors."""
+        self._masker.build(self._mods, self.layouts, self.masks)
 
     def release_cache(self) -> None:
         """Drop the per-step multipliers and the parameter references they hold (compact training rebuilds the
         model after each event and masks it by other means; the cache would keep the old dense tensors alive).
-        ``apply_masks`` must not be called until the cache is rebuilt (``_build_cache``)."""
-        self._cache, self._params_list, self._mult_list = [], [], []
+        The next :meth:`apply_masks` rebuilds it (and raises ``ValueError`` if the model is narrower than the masks)."""
+        self._masker.clear()
 
     @torch.no_grad()
     def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero pruned channels in weights, norm γ/β, consumer inputs and (if given) the optimizer's state."""
-        torch._foreach_mul_(self._params_list, self._mult_list)
-        if optimizer is None or not optimizer.state:
-            return
-        states, mults = [], []
-        for p, m in self._cache:
-            state = optimizer.state.get(p)
-            if state:
-                for v in state.values():
-                    if torch.is_tensor(v) and v.shape == p.shape:
-                        states.append(v)
-                        mults.append(m)
-        if states:
-            torch._foreach_mul_(states, mults)
+        """Zero pruned channels in weights, norm γ/β, consumer inputs and (if given) the optimizer's state.
+
+        If the model was moved, cast or had a masked parameter replaced since the last call, the multipliers are
+        rebuilt first (:class:`chex_core.masking.MaskCache`), so masks apply in any order of calls."""
+        if not self._masker.is_current():
+            log.debug("CHEX: masked parameters were moved or replaced; rebuilding the mask multipliers")
+            self._build_cache()
+        self._masker.apply(optimizer)
 
     def _rounded(self, counts: list[int]) -> list[int]:
         if self.round_to == 1:
@@ -194,23 +162,67 @@ class ChannelExplorer:
     def _store_mru(self) -> None:
         """Remember the current values of every channel outside the masks (called before they are zeroed)."""
         self.mru = {}
-        for g in self.groups:
-            idx = (~self.masks[g.name]).nonzero().flatten()
+        for lay in self.layouts:
+            idx = (~self.masks[lay.name]).nonzero().flatten()
             entry = {"index": idx.clone()}
-            for key, t, dim in self._slices(g):
-                entry[key] = t.index_select(dim, idx.to(t.device)).detach().clone().cpu()
-            self.mru[g.name] = entry
+            for s, t in lay.resolve(self._mods):
+                entry[s.key] = t.detach().index_select(s.dim, idx.to(t.device)).clone().cpu()
+            self.mru[lay.name] = entry
 
     @torch.no_grad()
     def _restore_mru(self) -> None:
-        """Write the remembered values back into every currently pruned channel (ALGORITHM.md §3.2)."""
-        for g in self.groups:
-            entry = self.mru.get(g.name)
+        """Write the remembered values back into every currently pruned channel (docs/algorithm.md §4)."""
+        for lay in self.layouts:
+            entry = self.mru.get(lay.name)
             if entry is None or entry["index"].numel() == 0:
                 continue
-            for key, t, dim in self._slices(g):
+            for s, t in lay.resolve(self._mods):
                 idx = entry["index"].to(t.device)
-                t.index_copy_(dim, idx, entry[key].to(device=t.device, dtype=t.dtype))
+                t.index_copy_(s.dim, idx, entry[s.key].to(device=t.device, dtype=t.dtype))
+
+    @torch.no_grad()
+    def _restored_producer(self, lay: GroupLayout) -> torch.Tensor:
+        """The producer weight with every pruned channel's MRU filter put back (a copy; the model is untouched)."""
+        w = self._mods[lay.modules("producer")[0]].weight.detach().clone()
+        entry = self.mru.get(lay.name)
+        if entry is not None and entry["index"].numel():
+            w.index_copy_(0, entry["index"].to(w.device), entry["producer.weight"].to(device=w.device, dtype=w.dtype))
+        return w
+
+    def _select(self, lay: GroupLayout, k: int) -> torch.Tensor:
+        """CSS among the live channels; past their number, the fill is ranked on the remembered filters."""
+        live = self.masks[lay.name]
+        restored = self._restored_producer(lay) if k > int(live.sum()) else None
+        weight = self._mods[lay.modules("producer")[0]].weight
+        return select_channels(weight, k, self.criterion, live=live, restored=restored)
+
+    @torch.no_grad()
+    def _check_finite(self, step: int) -> None:
+        """Raise :class:`NonFiniteWeightError` naming every group tensor with NaN/Inf on any rank (flags are
+        all-reduced, so every rank raises the same error at the same event instead of one rank hanging)."""
+        names, flags = [], []
+        for lay in self.layouts:
+            for s, t in lay.resolve(self._mods):
+                names.append(f"{s.module}.{s.tensor}")
+                flags.append(torch.isfinite(t).all().logical_not())
+        bad = dist_utils.all_reduce_max(torch.stack(flags).to(torch.int32).cpu())
+        found = [n for n, b in zip(names, bad.tolist()) if b]
+        if found:
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            raise NonFiniteWeightError(
+                f"CHEX event at step {step}: non-finite values (NaN/Inf) in {', '.join(found[:3])}{more}; training "
+                "diverged before this event (lower the learning rate or loss scale, or resume from an earlier "
+                "checkpoint)")
+
+    def _liveness_changes(self, old: dict[str, torch.Tensor]) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
+        """``(parameter, live before, live after)`` full-shape bools for every masked parameter."""
+        found: dict[int, tuple[nn.Parameter, dict, dict]] = {}
+        for lay in self.layouts:
+            for s, p in lay.parameters(self._mods):
+                entry = found.setdefault(id(p), (p, {}, {}))
+                entry[1][s.dim] = old[lay.name]
+                entry[2][s.dim] = self.masks[lay.name]
+        return [(p, liveness(p.shape, a), liveness(p.shape, b)) for p, a, b in found.values()]
 
     # ------------------------------------------------------------------ events
     def _generator(self, step: int) -> torch.Generator:
@@ -229,18 +241,18 @@ class ChannelExplorer:
 
     @torch.no_grad()
     def _sync_norm_buffers(self) -> None:
+        """Rank 0's running statistics of the groups' norms (they are stored in the MRU store and restored)."""
         if not dist_utils.is_dist():
             return
-        for g in self.groups:
-            norm = self._mods[g.norm]
-            for buf in _NORM_BUFFERS:
-                t = getattr(norm, buf, None)
-                if t is not None:
+        for lay in self.layouts:
+            for s, t in lay.resolve(self._mods):
+                if s.role == "norm" and s.tensor in _NORM_BUFFERS:
                     dist_utils.broadcast_tensor_(t)
 
     @torch.no_grad()
     def start(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Initial sub-model: each group keeps its top-L1 ``1 − (S − δ0)`` share (of the random init)."""
+        self._check_finite(0)
         self._sync_norm_buffers()
         sizes = [g.size for g in self.groups]
         counts = self._rounded(uniform_keep_counts(sizes, self.schedule.sparsity - self.schedule.delta0,
@@ -259,11 +271,8 @@ class ChannelExplorer:
                  len(self.groups), self.density(), self.schedule.sparsity, self.schedule.delta0,
                  len(self.schedule.event_steps()))
 
-    @torch.no_grad()
-    def explore(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> EventReport:
-        """Run one prune/regrow/re-allocate event now (normally called by :meth:`after_step`)."""
-        self._sync_norm_buffers()
-        delta = self.schedule.regrow_fraction(step)
+    def _budgets(self, delta: float) -> tuple[list[int], list[int]]:
+        """Per-group ``keep`` (final budget) and ``active`` (keep + regrowth) counts from the current γ."""
         gammas = [self._mods[g.norm].weight.detach() * self.masks[g.name].to(self._mods[g.norm].weight.device)
                   for g in self.groups]
         if self.target_macs is not None:
@@ -274,11 +283,23 @@ class ChannelExplorer:
             sparsity = self.schedule.sparsity
             keep = self._rounded(keep_counts(self.allocation, gammas, sparsity, self.min_channels))
         active = self._rounded(keep_counts(self.allocation, gammas, max(sparsity - delta, 0.0), self.min_channels))
-        active = [max(a, k) for a, k in zip(active, keep)]
-        kept = [select_channels(self._mods[g.producer].weight, k, self.criterion) for g, k in zip(self.groups, keep)]
+        return keep, [max(a, k) for a, k in zip(active, keep)]
+
+    @torch.no_grad()
+    def explore(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> EventReport:
+        """Run one prune/regrow/re-allocate event now (normally called by :meth:`after_step`).
+
+        Raises:
+            NonFiniteWeightError: a group tensor holds NaN/Inf (on any rank); nothing is changed.
+        """
+        self._check_finite(step)
+        self._sync_norm_buffers()
+        delta = self.schedule.regrow_fraction(step)
+        keep, active = self._budgets(delta)
+        kept = [self._select(lay, k) for lay, k in zip(self.layouts, keep)]
         self._restore_mru()
         gen = self._generator(step)
-        n_regrown = 0
+        old_masks, n_regrown = dict(self.masks), 0
         for g, k_idx, k, a in zip(self.groups, kept, keep, active):
             grown = regrow_channels(self._mods[g.producer].weight, k_idx, a - k, gen, self.regrow)
             n_regrown += grown.numel()
@@ -289,6 +310,8 @@ class ChannelExplorer:
         self._broadcast_masks()
         self._store_mru()
         self._build_cache()
+        if optimizer is not None and optimizer.state:
+            fill_regrown_second_moments(optimizer, self._liveness_changes(old_masks))
         self.apply_masks(optimizer)
         self.event_count += 1
         self.last_event_step = step

@@ -1,4 +1,4 @@
-"""FLOPs (multiply-accumulates) and parameter reports (ALGORITHM.md §6.4).
+"""FLOPs (multiply-accumulates) and parameter reports (docs/algorithm.md §8).
 
 Two counts:
 

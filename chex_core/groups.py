@@ -3,7 +3,8 @@
 A *group* is one set of channels that lives or dies together: the output channels of a producer conv, the matching
 entries of the norm layer right after it, and the matching input channels of the consumer conv(s) that read it.
 Groups are addressed by module name (``layer3.2.conv1``), never by position, so the same code serves a whole
-classifier, an SSD feature extractor and a Mask R-CNN backbone body (ALGORITHM.md §2.3).
+classifier, an SSD feature extractor and a Mask R-CNN backbone body (which layers, and why: docs/algorithm.md §2).
+Every tensor a group's channels live in is listed by :mod:`chex_core.layout`.
 """
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ class ChannelGroup:
     consumers: tuple[str, ...]
     size: int
     kind: str = "inner"
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        """The convs writing these channels (one today; several for a coupled residual group)."""
+        return (self.producer,)
+
+    @property
+    def norms(self) -> tuple[str, ...]:
+        """The norm layers on these channels (one today; one per producer for a coupled group)."""
+        return (self.norm,)
 
 
 _NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm)

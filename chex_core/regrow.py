@@ -1,4 +1,4 @@
-"""Which pruned channels come back at an exploration event (ALGORITHM.md §3).
+"""Which pruned channels come back at an exploration event (docs/algorithm.md §4).
 
 ``importance``: each candidate column ``x_j`` (its most-recently-used values, restored before scoring) is scored by its
 distance to the span of the kept columns, ``ε_j = ‖(I − P_S) x_j‖₂``; candidates are drawn without replacement with
@@ -11,21 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .css import weight_matrix
+from .css import projection_residuals, weight_matrix
 
 __all__ = ["REGROW_METHODS", "projection_residuals", "regrow_channels"]
 
 REGROW_METHODS = ("importance", "random")
-
-
-def projection_residuals(x: torch.Tensor, kept: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """``‖(I − P_S) x_j‖₂`` for each candidate column ``j`` of ``x`` (``(m, n)`` float64), ``S`` = ``kept`` columns."""
-    xc = x[:, candidates]
-    if kept.numel() == 0:
-        return xc.norm(dim=0)
-    xs = x[:, kept]
-    coef = torch.linalg.pinv(xs) @ xc          # least-squares coefficients in the kept basis
-    return (xc - xs @ coef).norm(dim=0)
 
 
 def regrow_channels(weight: torch.Tensor, kept: torch.Tensor, n: int, generator: torch.Generator,
@@ -55,6 +45,8 @@ def regrow_channels(weight: torch.Tensor, kept: torch.Tensor, n: int, generator:
         pick = torch.randperm(candidates.numel(), generator=generator)[:n]
     else:
         eps = projection_residuals(weight_matrix(weight), kept, candidates)
+        if not bool(torch.isfinite(eps).all()):
+            raise ValueError("regrow_channels: the weight has NaN or Inf entries")
         probs = torch.softmax(eps, dim=0)
         # underflowed probabilities would make a draw without replacement impossible; keep them tiny but positive
         probs = probs.clamp_min(1e-300)

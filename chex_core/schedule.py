@@ -1,4 +1,4 @@
-"""When exploration events happen and how many channels each one regrows (ALGORITHM.md §1, §3.4).
+"""When exploration events happen and how many channels each one regrows (docs/algorithm.md §1).
 
 Everything is counted in optimizer steps internally; ``steps_per_unit`` converts the recipe's unit (epochs for CLS and
 DET, iterations for SEG) so one schedule serves every task.

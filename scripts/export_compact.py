@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = ex.flops_report(model, input_size)
         log.info("%s compact model at %dx%d: %.4g G MACs (paper 'FLOPs'; FlopCounterMode %.4g G), %.4g M params, "
                  "%d pruned layers", ckpt["arch"], image_size, image_size, rep["macs"] / 1e9,
-                 rep["flop_counter_macs"] / 1e9, rep["params"] / 1e6, len(ckpt["cfg"]))
+                 rep["flop_counter_macs"] / 1e9, rep["params"] / 1e6, len(ckpt["width_spec"]))
         try:
             if args.save_compact:
                 ex.save_compact_checkpoint(ckpt, args.save_compact)

@@ -90,10 +90,11 @@ def test_perturbed_predictions_lower_ap(tiny_coco):
     assert coco_evaluate(coco, results)["AP"] < 0.2
 
 
-def test_empty_predictions_warn_and_return_zero(tiny_coco, caplog):
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_empty_predictions_warn_and_return_zero(tiny_coco, caplog, iou_type):
     coco = load_coco(tiny_coco / "annotations" / "instances_val2017.json")
     with caplog.at_level(logging.WARNING):
-        metrics = coco_evaluate(coco, [], iou_type="segm")
+        metrics = coco_evaluate(coco, [], iou_type=iou_type)
     assert metrics == {name: 0.0 for name in METRIC_NAMES}
     assert any("no predictions" in r.getMessage() for r in caplog.records)
 

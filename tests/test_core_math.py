@@ -142,3 +142,75 @@ def test_schedule_rejects_bad_values(kw, match):
     args = dict(interval=2, t_max=10, sparsity=0.5, delta0=0.2) | kw
     with pytest.raises(ValueError, match=match):
         ExplorationSchedule(**args)
+
+
+# ------------------------------------------------------------------------ issue 16: rank deficiency, floors, ties
+def squeezed_weight(seed, n_masked=4):
+    """A conv2 whose input was squeezed to 1 channel (rank ≤ 9 < 12 live columns) with channels 0..3 masked: past
+    rank-many pivots every residual is zero, so position or the null space decides."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 4, 3, 3, generator=g)
+    w[:, 1:] = 0
+    w[:n_masked] = 0
+    live = torch.ones(16, dtype=torch.bool)
+    live[:n_masked] = False
+    return w, live
+
+
+@pytest.mark.parametrize("criterion", ["qr", "leverage"])
+def test_css_keeps_live_channels_when_k_exceeds_the_rank(criterion):
+    masked_kept = []
+    for seed in range(10):
+        w, live = squeezed_weight(seed)
+        chosen = select_channels(w, 11, criterion, live=live)
+        assert chosen.numel() == 11 and bool(live[chosen].all()), (seed, chosen)
+        # the plain criterion on the whole matrix (what upstream does) keeps masked channels for some seeds
+        masked_kept.append(not bool(live[select_channels(w, 11, criterion)].all()))
+    assert any(masked_kept)
+
+
+def test_css_fill_beyond_the_live_channels_is_ranked_and_deterministic():
+    w, live = squeezed_weight(0, n_masked=6)                # 10 live channels; keep 12
+    restored = w.clone()
+    g = torch.Generator().manual_seed(1)
+    restored[:6, 0] = w[6:12, 0] * 0.5                      # remembered filters 0..5 lie in the live span...
+    restored[4, 1] = torch.randn(3, 3, generator=g) * 5     # ...except 4 and 2, far from it (4 the farthest)
+    restored[2, 2] = torch.randn(3, 3, generator=g)
+    chosen = select_channels(w, 12, "qr", live=live, restored=restored)
+    assert chosen.tolist() == [2, 4] + list(range(6, 16))
+    assert torch.equal(select_channels(w, 12, "leverage", live=live, restored=restored), chosen)
+    # without remembered values every pruned column is zero: ties go to the lowest indices
+    assert select_channels(w, 12, "qr", live=live).tolist() == [0, 1] + list(range(6, 16))
+
+
+def test_css_and_regrowth_refuse_non_finite_weights():
+    w = torch.randn(8, 4, 3, 3)
+    w[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        select_channels(w, 4, "qr")
+    w[3, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        regrow_channels(w, torch.tensor([0, 1]), 2, torch.Generator().manual_seed(0))
+
+
+def test_global_budget_is_exact_with_the_floor_inside_the_cut():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        sizes = torch.randint(1, 40, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+        gammas = [torch.rand(s, generator=g) * float(torch.rand(1, generator=g)) for s in sizes]
+        for s in (0.0, 0.3, 0.5, 0.8, 0.95, 0.99):
+            for m in (1, 2, 5):
+                counts = global_keep_counts(gammas, s, min_channels=m)
+                n = sum(sizes)
+                assert sum(counts) == max(n - int(n * s), sum(min(c, m) for c in sizes)), (sizes, s, m)
+                assert all(min(c, m) <= k <= c for k, c in zip(counts, sizes))
+    # one group of tiny γ: a cut before the floor would take all 8, and the floor would give 1 back (13 > 12)
+    assert global_keep_counts([torch.full((8,), 1e-3), torch.rand(16) + 1], 0.5) == [1, 11]
+
+
+def test_equal_gammas_are_cut_evenly_across_layers():
+    # with a position tie-break the first layers would be emptied first ([1, 20] after the floor)
+    assert global_keep_counts([torch.ones(10), torch.ones(30)], 0.5) == [5, 15]
+    assert global_keep_counts([torch.zeros(8), torch.zeros(24), torch.ones(4)], 0.5) == [4, 10, 4]   # 18 of 32 zeros
+    # ties among equal values only: a larger γ is still never cut before a smaller one
+    assert global_keep_counts([torch.tensor([0.1, 0.1, 0.9]), torch.tensor([0.1, 0.5])], 0.4) == [2, 1]

@@ -215,13 +215,19 @@ def test_loss_falls_on_tiny_set(tiny_coco, coder):
     assert model.training  # evaluate() restores the mode
 
 
-def test_lr_schedule():
-    f = det_main.lr_factor
-    assert f(0, 10, 300, [430, 540]) == pytest.approx(1 / 300)
-    assert f(299, 10, 300, [430, 540]) == pytest.approx(1.0)
-    assert f(4300, 10, 300, [430, 540]) == pytest.approx(0.1)
-    assert f(5400, 10, 300, [430, 540]) == pytest.approx(0.01)
-    assert f(5, 10, 0, []) == 1.0
+def test_lr_schedule(tiny_coco, coder):
+    """NVIDIA SSD: warm-up over --warmup iterations, x0.1 at every --multistep epoch (iterations/epoch = 10)."""
+    from types import SimpleNamespace
+
+    from DET.task import DetTask
+
+    args = det_main.parse_args(["--data", str(tiny_coco), "--warmup", "300", "--multistep", "430", "540"])
+    loaders = SimpleNamespace(train_set=SimpleNamespace(label_map={1: 1}))
+    f = DetTask(args, loaders, coder).lr_schedule(SimpleNamespace(steps_per_epoch=10))
+    assert f(0) == pytest.approx(1 / 300)
+    assert f(299) == pytest.approx(1.0)
+    assert f(4300) == pytest.approx(0.1)
+    assert f(5400) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -291,7 +297,7 @@ def test_upstream_commands_two_processes(tiny_coco, tmp_path):
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = _run(torchrun + _train_cmd(tiny_coco, 2) + ["--checkpoint", "logs/epoch_0.pt"], tmp_path)
-    assert "resumed from logs/epoch_0.pt at epoch 1, iteration 1" in out
+    assert "resuming from logs/epoch_0.pt (epoch 1 done, iteration 1)" in out
     assert "CHEX event 2 at step 2" in out
     ckpt = ckpt_utils.load_checkpoint(str(tmp_path / "logs" / "epoch_1.pt"))
     assert ckpt["iteration"] == 2 and ckpt["explorer"]["event_count"] == 2
@@ -331,7 +337,9 @@ def test_compact_training_trains_resumes_and_exports(tiny_coco, tmp_path):
     dense = SSD300("resnet18", num_classes=4).backbone.state_dict()
     shrunk = [k for k, v in ck["model"].items() if k.startswith("backbone.") and v.shape != dense[k[9:]].shape]
     assert shrunk, "the trained backbone should be physically narrower"
-    assert det_main.main(base + ["--epoch", "4", "--checkpoint", str(tmp_path / "epoch_2.pt")]) == 1
+    with pytest.raises(SystemExit) as exc:       # a user error: one line naming --resume, exit 2
+        det_main.main(base + ["--epoch", "4", "--checkpoint", str(tmp_path / "epoch_2.pt")])
+    assert exc.value.code == 2
     assert det_main.main(base + ["--epoch", "4", "--compact-training",
                                  "--checkpoint", str(tmp_path / "epoch_2.pt")]) == 0
     assert torch.load(tmp_path / "epoch_3.pt", weights_only=True)["iteration"] == 4

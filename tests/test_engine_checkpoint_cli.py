@@ -128,3 +128,34 @@ def test_load_errors_are_clear(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="cannot read"):
         ckpt.load_checkpoint(str(bad))
     assert ckpt.strip_prefix({"module._orig_mod.a": 1, "b": 2}) == {"a": 1, "b": 2}
+
+
+def test_consecutive_overflow_steps_abort_and_a_good_step_resets_the_count():
+    """T14: AMP overflow steps are skipped and counted; ``max_consecutive_skips`` in a row abort, not more, not
+    fewer, and a finite step in between starts the count again."""
+    m = _lin()
+    amp = AmpConfig(enabled=True, device_type="cpu", static_loss_scale=128.0, dtype=torch.float16)
+    step = TrainStep(torch.optim.SGD(m.parameters(), lr=0.1), scaler=amp.make_scaler(), static_loss_scale=128.0,
+                     max_consecutive_skips=3)
+
+    def overflow():
+        return step(m(torch.randn(2, 4)).sum() * 1e38)        # finite loss, infinite scaled gradients
+
+    assert overflow().skipped and overflow().skipped
+    assert not step(m(torch.randn(2, 4)).sum()).skipped       # resets the run of skips
+    assert overflow().skipped and overflow().skipped
+    with pytest.raises(NonFiniteLossError, match="3 consecutive AMP steps overflowed"):
+        overflow()
+    assert step.skipped_steps == 5 and step.step_count == 5
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_an_injected_inf_loss_stops_before_the_step(amp):
+    m = _lin()
+    before = [p.detach().clone() for p in m.parameters()]
+    cfg = AmpConfig(enabled=amp, device_type="cpu", static_loss_scale=128.0, dtype=torch.float16)
+    step = TrainStep(torch.optim.SGD(m.parameters(), lr=0.1), scaler=cfg.make_scaler(),
+                     static_loss_scale=128.0 if amp else None)
+    with pytest.raises(NonFiniteLossError, match=r"step 1: \{'loss': inf\}"):
+        step(m(torch.randn(2, 4)).sum() + torch.tensor(float("inf")))
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before)) and step.step_count == 0

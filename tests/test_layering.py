@@ -10,7 +10,7 @@ ALLOWED = {"torch", "numpy", "scipy"}
 
 def test_chex_core_imports_only_torch_numpy_scipy():
     stdlib = set(sys.stdlib_module_names)
-    for path in (ROOT / "chex_core").glob("*.py"):
+    for path in (ROOT / "chex_core").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

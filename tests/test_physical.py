@@ -171,12 +171,16 @@ def test_optimizer_state_transplanted_by_index(adam):
         new = expand_state_dict(momentum_by_name(model, new_opt, key), ex.groups, phys.held)
         for name, old in old_state[key].items():
             expected = old.clone()
+            was = now = torch.ones(old.shape, dtype=torch.bool)
             for dim, g in layout.get(tuple(name.rsplit(".", 1)), {}).items():
                 shape = [1] * old.dim()
                 shape[dim] = -1
                 expected = expected * active(phys.held, g).to(old.dtype).view(shape)
-            # kept channels: the old values (index_select); regrown: zero (they were zero in the old expansion);
-            # pruned now: gone
+                was, now = was & active(old_held, g).view(shape), now & active(phys.held, g).view(shape)
+            # kept channels: the old values (index_select); regrown: zero (they were zero in the old expansion),
+            # except Adam's second moment, which starts at the mean of the entries that stay live; pruned now: gone
+            if key == "exp_avg_sq" and (now & ~was).any():
+                expected[now & ~was] = expected[now & was].mean()
             assert torch.equal(new[name], expected), name
     assert n_regrown > 0
     if adam:

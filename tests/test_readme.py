@@ -25,8 +25,9 @@ def test_quickstart_main_job_runs(tmp_path):
     job = main_job.split("&& ", 2)[2]                      # skip the two pip installs (done by CI already)
     argv = shlex.split(job)
     assert argv[:2] == ["python", "CLS/main.py"]
-    # same flags, shortened: later flags win in argparse
-    argv += ["--epochs", "1", "--warmup", "0", "--T_max", "1", "--workspace", str(tmp_path), "--no-progress"]
+    # same flags, shortened (later flags win in argparse): one epoch, one event, 16 px digits (a quarter of the compute)
+    argv += ["--epochs", "1", "--warmup", "0", "--T_max", "1", "--image-size", "16", "--workspace", str(tmp_path),
+             "--no-progress"]
     out = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     log = out.stdout + out.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ pytest.importorskip("pycocotools")
 from chex_core import ChannelExplorer, ExplorationSchedule  # noqa: E402
 from chex_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from chex_tasks.coco import make_tiny_coco  # noqa: E402
+from chex_tasks.harness import make_train_loader  # noqa: E402
 from SEG import train as seg_train  # noqa: E402
 from SEG.data import (CocoInstances, DataError, GroupedInfiniteBatchSampler, aspect_ratio_groups,  # noqa: E402
                       hflip, split_paths)
@@ -27,7 +30,7 @@ from SEG.model import (UPSTREAM_PIXEL_MEAN, CheckpointMismatchError, build_maskr
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-# CPU-sized sampling (ENVIRONMENT.md §3) and tiny images, shared by every run below.
+# CPU-sized sampling and tiny images, shared by every run below.
 SMALL = ["--rpn-pre-nms-top-n-train", "200", "--rpn-post-nms-top-n-train", "100", "--rpn-batch-size-per-image", "64",
          "--box-batch-size-per-image", "64", "--box-detections-per-img", "20", "--rpn-pre-nms-top-n-test", "200",
          "--rpn-post-nms-top-n-test", "100", "--print-freq", "1"]
@@ -92,7 +95,16 @@ def test_grouped_sampler_is_deterministic_resumable_and_grouped():
     other = list(GroupedInfiniteBatchSampler(groups, 2, 12, rank=1, world_size=2, seed=1))
     assert len(full) == 12 and all(len(b) == 2 for b in full)
     assert full == list(GroupedInfiniteBatchSampler(groups, 2, 12, rank=0, world_size=2, seed=1))
-    assert full[5:] == list(GroupedInfiniteBatchSampler(groups, 2, 12, rank=0, world_size=2, seed=1, start_iter=5))
+    # resumable: the harness's stateful loader stopped after 5 batches continues with the rest of the stream
+    def loader():
+        sampler = GroupedInfiniteBatchSampler(groups, 2, 12, rank=0, world_size=2, seed=1)
+        return make_train_loader(list(range(len(ratios))), batch_sampler=sampler, collate_fn=list)
+    first = loader()
+    it = iter(first)
+    assert [next(it) for _ in range(5)] == full[:5]
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    assert list(resumed) == full[5:]
     assert not set(full[0]) & set(other[0]), "ranks see different images"
     assert sum(len({groups[i] for i in b}) == 1 for b in full) >= 10, "batches are built within aspect groups"
     with pytest.raises(ValueError, match="batch size"):
@@ -257,8 +269,10 @@ def test_resume_keeps_explorer_state_and_corrupt_image_loses_nothing(tmp_path, c
         CocoInstances(*split_paths(data, "train"), train=True)[0]
     for p, content in good.items():
         p.write_bytes(content)
-    # resuming with other channel groups (shortcuts now masked too) is refused with a clear error
-    assert seg_train.main(_train_argv(data, out, 2, "--chex-prune-downsample")) == 1
+    # resuming with other channel groups (shortcuts now masked too) is refused with one clear line (exit 2)
+    with pytest.raises(SystemExit) as exc:
+        seg_train.main(_train_argv(data, out, 2, "--chex-prune-downsample"))
+    assert exc.value.code == 2
     assert seg_train.main(_train_argv(data, out, 2)) == 0  # resumes at 1, runs event 2 (T_max) then stops
     second = load_checkpoint(str(out / "checkpoint_000002.pth"))
     assert second["iteration"] == 2 and second["explorer"]["event_count"] == 2
@@ -268,7 +282,7 @@ def test_resume_keeps_explorer_state_and_corrupt_image_loses_nothing(tmp_path, c
     for key, value in uninterrupted["model"].items():  # and reproduced the uninterrupted step exactly
         assert torch.equal(second["model"][key], value), key
     compact = load_checkpoint(str(out / "model_compact.pth"))
-    assert compact["body_spec"] and min(compact["body_spec"].values()) >= 1
+    assert compact["module"] == "backbone.body" and min(compact["width_spec"].values()) >= 1   # the one format
 
 
 @pytest.mark.slow
@@ -293,10 +307,19 @@ def test_train_sh_then_eval_sh_two_processes(tmp_path, coco):
     assert any(name.endswith("downsample.0") for name in explorer["masks"])  # PRUNE_DOWNSAMPLE=1 (released)
     assert {"model", "optimizer", "scheduler", "scaler", "iteration", "explorer", "args"} <= set(ckpt)
     assert (results / "model_final.pth").is_file()
+    # eval.sh without torchrun on PATH (a venv used without activating it): $PYTHON -m torch.distributed.run
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls.log"}\nexec {sys.executable} "$@"\n')
+    (shim / "python").chmod(0o755)
+    system = {os.path.dirname(shutil.which(tool)) for tool in ("bash", "dirname", "env")}
+    env["PATH"] = os.pathsep.join([str(shim), *system])
     run = subprocess.run(["bash", "scripts/eval.sh", *SMALL], cwd=seg_dir, env=env, capture_output=True, text=True,
                          timeout=300)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
+    launched = (tmp_path / "calls.log").read_text()
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m SEG.train" in launched
     assert "model_final.pth" in log
     for line in ("task  |    AP |  AP50 |  AP75 |   APs |   APm |   APl", "bbox  |", "segm  |", "FLOPs reduction"):
         assert line in log, line

@@ -13,12 +13,14 @@
 #   NGPU       processes to launch (default: number of CUDA devices; 1 on a CPU-only machine)
 #   MIN_SIZE / MAX_SIZE  test resize limits in pixels (default 800 / 1333)
 #   WORKERS    data-loading workers per process (default 2)
+#   PYTHON     interpreter with torch (default python); torchrun comes from PATH, else from $PYTHON -m
 set -euo pipefail
 
 SEG_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REPO_DIR="$(dirname "$SEG_DIR")"
+source "$REPO_DIR/scripts/launcher.sh"
 
-CUDA_COUNT="$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+CUDA_COUNT="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 DATA_DIR="${DATA_DIR:-/datasets/coco2014}"
 RESULTS="${RESULTS:-$SEG_DIR/results}"
 if [ "$CUDA_COUNT" -gt 0 ]; then NGPU="${NGPU:-$CUDA_COUNT}"; else NGPU="${NGPU:-1}"; fi
@@ -28,6 +30,6 @@ MAX_SIZE="${MAX_SIZE:-1333}"
 WORKERS="${WORKERS:-2}"
 
 cd "$REPO_DIR"
-exec torchrun --standalone --nproc_per_node "$NGPU" -m SEG.train --eval-only --weights "$CKPT" \
+exec "${TORCHRUN[@]}" --standalone --nproc_per_node "$NGPU" -m SEG.train --eval-only --weights "$CKPT" \
     --data-path "$DATA_DIR" --output-dir "$RESULTS" --min-size "$MIN_SIZE" --max-size "$MAX_SIZE" \
     --workers "$WORKERS" "$@"

@@ -27,12 +27,14 @@
 #   MIN_SIZE / MAX_SIZE  resize limits in pixels (default 800 / 1333)
 #   CKPT_PERIOD   iterations between checkpoints (default 2500)
 #   WORKERS       data-loading workers per process (default 4)
+#   PYTHON        interpreter with torch (default python); torchrun comes from PATH, else from $PYTHON -m
 set -euo pipefail
 
 SEG_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REPO_DIR="$(dirname "$SEG_DIR")"
+source "$REPO_DIR/scripts/launcher.sh"
 
-CUDA_COUNT="$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+CUDA_COUNT="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 DATA_DIR="${DATA_DIR:-/datasets/coco2014}"
 RESULTS="${RESULTS:-$SEG_DIR/results}"
 if [ "$CUDA_COUNT" -gt 0 ]; then NGPU="${NGPU:-$CUDA_COUNT}"; AMP="${AMP:-1}"; else NGPU="${NGPU:-1}"; AMP="${AMP:-0}"; fi
@@ -72,4 +74,4 @@ FLAGS=(--data-path "$DATA_DIR" --output-dir "$RESULTS" --batch-size $((IMS_PER_B
 
 mkdir -p "$RESULTS"
 cd "$REPO_DIR"
-exec torchrun --standalone --nproc_per_node "$NGPU" -m SEG.train "${FLAGS[@]}" "$@"
+exec "${TORCHRUN[@]}" --standalone --nproc_per_node "$NGPU" -m SEG.train "${FLAGS[@]}" "$@"
