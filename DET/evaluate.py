@@ -135,8 +135,9 @@ def log_evaluation(model: nn.Module, backbone: str, metrics: dict[str, float] | 
                 flops["dense_gmacs"], 100.0 * flops["reduction"])
 
 
-def run_evaluation(args, rt, coder: BoxCoder) -> None:
-    """``--mode evaluation``: load ``--checkpoint`` (ours, compact, or upstream) and print COCO bbox AP."""
+def run_evaluation(args, rt, coder: BoxCoder) -> dict[str, float] | None:
+    """``--mode evaluation``: load ``--checkpoint`` (ours, compact, or upstream) and print COCO bbox AP. Returns the
+    metrics on rank 0, None elsewhere."""
     from DET.data import build_loaders
 
     loaders = build_loaders(args.data, coder, args.bs, args.eval_batch_size, args.num_workers, rt.rank,
@@ -157,3 +158,4 @@ def run_evaluation(args, rt, coder: BoxCoder) -> None:
     amp = AmpConfig(enabled=args.amp, device_type=rt.device.type)
     metrics = evaluate(model, loaders.val, coder, inverse, rt.device, amp.autocast_dtype if args.amp else None)
     log_evaluation(model, args.backbone, metrics, f"COCO bbox evaluation of {args.checkpoint}")
+    return metrics

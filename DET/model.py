@@ -103,10 +103,11 @@ class SSD300(nn.Module):
         for block in self.additional_blocks:
             x = block(x)
             features.append(x)
-        # view(B, 4, -1): box index = (default shape, row, col), matching DefaultBoxes' ordering
-        locs = torch.cat([head(f).view(f.shape[0], 4, -1) for head, f in zip(self.loc, features)], dim=2)
-        confs = torch.cat([head(f).view(f.shape[0], self.num_classes, -1) for head, f in zip(self.conf, features)],
-                          dim=2)
+        # (B, 4, -1): box index = (default shape, row, col), matching DefaultBoxes' ordering. reshape, not view:
+        # under channels_last (NVIDIA's SSD trains that way) the head outputs are not contiguous in NCHW order
+        locs = torch.cat([head(f).reshape(f.shape[0], 4, -1) for head, f in zip(self.loc, features)], dim=2)
+        confs = torch.cat([head(f).reshape(f.shape[0], self.num_classes, -1)
+                           for head, f in zip(self.conf, features)], dim=2)
         return locs, confs
 
 
@@ -264,4 +265,4 @@ def resolve_backbone_init(name: str, path: str | None = None, random_init: bool 
 def _no_imagenet_weights(name: str, cached: str, reason: str) -> str:
     reason = " ".join(str(reason).split())[:200]
     return (f"cannot obtain torchvision's ImageNet {name} weights ({reason}); put them at {cached}, pass a local "
-            "torchvision/CLS ResNet file with --backbone-path PATH, or ask for random init explicitly")
+            "torchvision/CLS ResNet file with --backbone-path PATH, or train from random init with --random-backbone")
