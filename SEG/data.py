@@ -86,32 +86,36 @@ def _source(root: Path, name: str, images: str, ann: str) -> SplitSource:
     return source
 
 
-def resolve_splits(root: str | Path, year: str = "2014", split: str = "auto") -> SegSplits:
+def resolve_splits(root: str | Path, year: str = "2014", split: str = "auto", need_train: bool = True) -> SegSplits:
     """Training and evaluation sets under ``root`` (``DataError`` naming what is missing).
 
     ``split``: "auto" = upstream's minival split when its annotation files exist, else all of val2014 (with
     ``overlap_warning``); "minival" = upstream's split, required; "val" = train{year} / val{year}. COCO2017 (any
-    ``year`` but 2014) is train2017 / val2017, which already is upstream's split.
+    ``year`` but 2014) is train2017 / val2017, which already is upstream's split. ``need_train=False`` (evaluation
+    only): no training set is looked for or returned.
     """
     if split not in SPLIT_CHOICES:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLIT_CHOICES}")
     root, year = Path(root), str(year)
-    train = _source(root, f"coco_{year}_train", f"train{year}", f"instances_train{year}.json")
+    train = (_source(root, f"coco_{year}_train", f"train{year}", f"instances_train{year}.json"),) if need_train \
+        else ()
     if year != "2014":
-        return SegSplits((train,), _source(root, f"coco_{year}_val", f"val{year}", f"instances_val{year}.json"))
+        return SegSplits(train, _source(root, f"coco_{year}_val", f"val{year}", f"instances_val{year}.json"))
     minival = root / "annotations" / MINIVAL_ANN
     if split == "val" or (split == "auto" and not minival.is_file()):
         val = _source(root, "coco_2014_val", "val2014", "instances_val2014.json")
-        return SegSplits((train,), val, (overlap_warning(root),))
+        return SegSplits(train, val, (overlap_warning(root),))
     if not minival.is_file():
         raise DataError(f"upstream's evaluation split needs {minival} (from coco_annotations_minival.tgz)")
     test = _source(root, "coco_2014_minival", "val2014", MINIVAL_ANN)
+    if not need_train:
+        return SegSplits((), test)
     if not (root / "annotations" / VALMINUSMINIVAL_ANN).is_file():
         note = (f"training on train2014 only: {root / 'annotations' / VALMINUSMINIVAL_ANN} not found, so the "
                 "35,504 valminusminival images upstream also trains on are left out")
-        return SegSplits((train,), test, (note,))
+        return SegSplits(train, test, (note,))
     extra = _source(root, "coco_2014_valminusminival", "val2014", VALMINUSMINIVAL_ANN)
-    return SegSplits((train, extra), test)
+    return SegSplits((*train, extra), test)
 
 
 def _valid_box(ann: dict) -> bool:

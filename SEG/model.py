@@ -123,6 +123,7 @@ def build_maskrcnn(
     max_size: int = 1333,
     sampling: SamplingConfig = SamplingConfig(),
     conventions: str = "torchvision",
+    post_nms_per_batch: bool = True,
 ) -> MaskRCNN:
     """Mask R-CNN R-50-FPN, random init (weights=None), all five body stages trainable.
 
@@ -130,6 +131,8 @@ def build_maskrcnn(
     converted only when CUDA is available, otherwise plain BN with a warning). ``head_norm`` (gn | none) puts GN in
     the FPN, box head and mask head, as the upstream GN config does. ``conventions="upstream"`` uses
     maskrcnn-benchmark's arithmetic and pixel convention (``SEG.conventions``); the parameters are the same.
+    ``post_nms_per_batch`` (upstream conventions only): in training, keep the best RPN proposals of the whole batch
+    (maskrcnn-benchmark) rather than of each image.
     """
     if conventions not in CONVENTIONS:
         raise ValueError(f"unknown conventions {conventions!r}; choose one of {CONVENTIONS}")
@@ -165,7 +168,7 @@ def build_maskrcnn(
         else:
             warnings.warn("--norm syncbn needs CUDA; using plain BatchNorm2d on CPU", stacklevel=2)
     if conventions == "upstream":
-        apply_upstream_conventions(model)
+        apply_upstream_conventions(model, post_nms_per_batch=post_nms_per_batch)
         set_pixel_convention(model, upstream=True)
     return model
 
@@ -371,7 +374,9 @@ def _switch_to_upstream(model: MaskRCNN, state: dict) -> None:
     """Upstream conventions + pixel convention, with the checkpoint's cell anchors where it stores them."""
     try:
         anchors = cell_anchors_from_state_dict(state)
-        apply_upstream_conventions(model, cell_anchors=anchors)
+        # a model built in upstream mode keeps its per-batch / per-image proposal rule (--rpn-post-nms-per-batch)
+        apply_upstream_conventions(model, cell_anchors=anchors,
+                                   post_nms_per_batch=getattr(model.rpn, "post_nms_per_batch", True))
     except ValueError as err:
         raise CheckpointMismatchError(f"upstream checkpoint anchors: {err}") from None
     if anchors is not None:
