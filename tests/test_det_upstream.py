@@ -107,6 +107,22 @@ def test_every_flag_of_the_fork_parser_keeps_its_meaning(coco, tmp_path, monkeyp
     assert det_main.runtime_device(det_main.parse_args(["--data", str(coco)])) is None
 
 
+def test_json_summary_after_evaluation_and_benchmark_modes(coco, tmp_path, monkeypatch):
+    """The mode's result is the summary record, as upstream's evaluate / BenchLogger log it (the runs are stubbed:
+    what is under test is what main writes)."""
+    ckpt = tmp_path / "ckpt.pth"
+    ckpt.write_bytes(b"")
+    monkeypatch.setattr(det_main, "run_evaluation", lambda args, rt, coder: {"AP": 0.25, "AP50": 0.5})
+    monkeypatch.setattr(det_main, "run_benchmark", lambda args, rt, coder, optimizer_for: 123.5)
+    for mode, record in (("evaluation", {"mAP": 0.25}), ("benchmark-inference", {"avg_img/sec": 123.5})):
+        out = tmp_path / f"{mode}.json"
+        assert det_main.main(["--data", str(coco), "--mode", mode, "--checkpoint", str(ckpt),
+                              "--json-summary", str(out)]) == 0
+        records = [json.loads(line[5:]) for line in out.read_text().splitlines()]
+        assert [r["step"] for r in records] == ["PARAMETER", []] and records[1]["data"] == record
+        assert records[0]["data"]["mode"] == mode
+
+
 def test_ssd300_runs_channels_last():
     torch.manual_seed(0)
     model = SSD300("resnet18", num_classes=3).eval()

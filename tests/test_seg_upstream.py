@@ -146,13 +146,30 @@ def test_fine_tuning_from_a_released_file_switches_to_upstream_conventions():
     ours = {"model": {}, "args": {"conventions": "upstream"}}
     assert seg_train.resolve_conventions(args, ours) == "upstream"            # as recorded by our training run
     assert seg_train.resolve_conventions(args, None) == "torchvision"
-    ns = _args_ns(conventions="upstream", weights="release.pth")
+    ns = _args_ns(conventions="upstream", weights="release.pth", rpn_post_nms_per_batch=False)
     model = SegTask(ns, SimpleNamespace(num_classes=4), release).build_model(None)
     assert model.box_convention == "upstream"
+    assert model.rpn.post_nms_per_batch is False      # loading the file keeps the flag's proposal rule
     for got, want in zip(model.rpn.anchor_generator.cell_anchors, anchors):
         assert torch.equal(got, want)
     reference = release["model"]["roi_heads.box.predictor.cls_score.weight"]
     assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, reference)
+
+
+def test_eval_only_rebuilds_the_conventions_a_checkpoint_was_trained_with(roots, tmp_path, monkeypatch):
+    from SEG import evaluate as seg_evaluate
+
+    torch.manual_seed(2)
+    trained = model_from_args(_args_ns(conventions="upstream"), 4)
+    ckpt = {"model": trained.state_dict(), "iteration": 3,
+            "args": {"conventions": "upstream", "norm": "bn", "head_norm": "none", "stride_in_1x1": True}}
+    (tmp_path / "model_final.pth").write_bytes(b"")   # found by --eval-only; its contents come from ckpt below
+    monkeypatch.setattr(seg_evaluate, "read_eval_checkpoint", lambda path, allow_pickle: ckpt)
+    seen = {}
+    monkeypatch.setattr(seg_evaluate, "run_evaluation", lambda model, args, device: seen.setdefault("model", model))
+    args = _args(roots["bare"], tmp_path, "--eval-only", "--weights", str(tmp_path))   # --conventions auto
+    seg_evaluate.evaluate_checkpoint(args, torch.device("cpu"))
+    assert seen["model"].box_convention == "upstream" and args.conventions == "upstream"
 
 
 def _args_ns(**overrides):
