@@ -287,16 +287,29 @@ def _train_cmd(data, epochs):
 
 
 @pytest.mark.slow
-def test_upstream_commands_two_processes(tiny_coco, tmp_path):
-    """Legacy launcher (epoch 0, first CHEX event) → torchrun resume (epoch 1, last event) → upstream evaluation."""
+def test_upstream_commands_two_processes(tiny_coco, tmp_path, monkeypatch):
+    """Legacy launcher (epoch 0, first CHEX event) → torchrun resume (epoch 1, last event) → upstream evaluation.
+    The backbone starts from torchvision's ImageNet file, as upstream's: here a stand-in the test puts in the hub cache
+    (up to layer3, the part SSD uses), which rank 0 finds there and rank 1 then reads without downloading."""
+    import torchvision
+
+    from DET.model import imagenet_weights_cache_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = pathlib.Path(imagenet_weights_cache_file("resnet50"))
+    cached.parent.mkdir(parents=True)
+    torch.save({k: v for k, v in torchvision.models.resnet50().state_dict().items()
+                if not k.startswith(("layer4.", "fc."))}, cached)
     legacy = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={_free_port()}"]
     out = _run(legacy + _train_cmd(tiny_coco, 1), tmp_path)
     assert "CHEX event 1 at step 1" in out and "world 2" in out
+    assert f"backbone initialised from torchvision resnet50 IMAGENET1K_V1 ({cached})" in out
     first = ckpt_utils.load_checkpoint(str(tmp_path / "logs" / "epoch_0.pt"))
     assert first["epoch"] == 1 and first["iteration"] == 1 and first["explorer"]["event_count"] == 1
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = _run(torchrun + _train_cmd(tiny_coco, 2) + ["--checkpoint", "logs/epoch_0.pt"], tmp_path)
+    cached.unlink()  # 34 MB on a shared disk
     assert "resuming from logs/epoch_0.pt (epoch 1 done, iteration 1)" in out
     assert "CHEX event 2 at step 2" in out
     ckpt = ckpt_utils.load_checkpoint(str(tmp_path / "logs" / "epoch_1.pt"))
@@ -327,7 +340,8 @@ def test_upstream_commands_two_processes(tiny_coco, tmp_path):
 def test_compact_training_trains_resumes_and_exports(tiny_coco, tmp_path):
     """--compact-training on the SSD backbone: the backbone really shrinks during training, a compact checkpoint
     resumes (and refuses a resume without the flag), and the exported model evaluates."""
-    base = ["--backbone", "resnet18", "--bs", "4", "--data", str(tiny_coco), "--multistep", "10", "--warmup", "2",
+    base = ["--backbone", "resnet18", "--random-backbone", "--bs", "4", "--data", str(tiny_coco), "--multistep", "10",
+            "--warmup", "2",
             "--grow_prune", "--channel_sparsity", "0.5", "--init_channel_ratio", "0.2", "--delta_T", "1",
             "--T_max", "2", "--save", str(tmp_path), "--max-iters-per-epoch", "1", "--num-workers", "0",
             "--eval-on-epochs", "99"]
