@@ -25,6 +25,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.numerics
 def test_retarget_explorer_lands_on_budget():
     torch.manual_seed(0)
     model = accuracy_study.CifarResNet(1, (8, 16, 16))
@@ -46,6 +47,7 @@ def test_retarget_explorer_lands_on_budget():
     assert count_macs(model, size) == macs_of(list(ex.widths().values()))
 
 
+@pytest.mark.numerics
 def test_accuracy_study_quick(tmp_path, one_thread):
     out = accuracy_study.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-plot"])
     runs, rows = out["runs"], out["summary"]

@@ -103,6 +103,7 @@ def test_assert_portable_rejects_project_classes(tmp_path):
         ex.assert_portable(p2)
 
 
+@pytest.mark.numerics
 def test_onnx_and_program_parity(compact, tmp_path):
     _, _, _, path = compact
     model = _rebuild(path)
@@ -135,6 +136,7 @@ def _load_cli():
     return mod
 
 
+@pytest.mark.numerics
 def test_cli_compact_and_masked_inputs(compact, tmp_path, caplog, capsys):
     dense, masks, small, path = compact
     cli = _load_cli()
