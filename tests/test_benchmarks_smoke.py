@@ -47,7 +47,6 @@ def test_retarget_explorer_lands_on_budget():
     assert count_macs(model, size) == macs_of(list(ex.widths().values()))
 
 
-@pytest.mark.numerics
 def test_accuracy_study_quick(tmp_path, one_thread):
     out = accuracy_study.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-plot"])
     runs, rows = out["runs"], out["summary"]

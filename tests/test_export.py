@@ -103,7 +103,6 @@ def test_assert_portable_rejects_project_classes(tmp_path):
         ex.assert_portable(p2)
 
 
-@pytest.mark.numerics
 def test_onnx_and_program_parity(compact, tmp_path):
     _, _, _, path = compact
     model = _rebuild(path)
