@@ -23,7 +23,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 _NO_CUDA = {"is_available": lambda: False, "device_count": lambda: 0}
-_NO_ACCELERATOR = {"is_available": lambda: False, "device_count": lambda: 0, "current_accelerator": lambda *a, **k: None}
+_NO_ACCELERATOR = {"is_available": lambda: False, "device_count": lambda: 0,
+                   "current_accelerator": lambda *args, **kwargs: None}
 
 
 class _CudaHider:
