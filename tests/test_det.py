@@ -180,9 +180,15 @@ def test_dataset_and_bad_data(tiny_coco, coder, tmp_path):
         CocoDetection(*dataset_paths(broken, "val"), SSDEvalTransform(), train=False)
 
 
+@pytest.mark.numerics
 def test_loss_falls_on_tiny_set(tiny_coco, coder):
-    """Twelve SGD steps on 2 fixed tiny-COCO images: the SSD loss must fall clearly (learnable data, correct
-    targets). ResNet-18 backbone keeps this CPU test short; the architecture code path is the same."""
+    """Sixteen SGD steps on 2 fixed tiny-COCO images: the SSD loss must fall far below its start (learnable data,
+    correct targets). ResNet-18 backbone keeps this CPU test short; the architecture code path is the same.
+
+    The CPU's kernels change the trajectory from the first step on, so the verdict must not hinge on it: at lr 0.01
+    this from-scratch SSD on a 2-image batch jumped 2x between steps (and failed on an AVX2 machine); at lr 0.003 the
+    loss ends at 0.06-0.11 of its start (AVX-512, AVX2 and baseline x86-64 kernels, 1 or 2 threads), while with
+    targets shuffled at every step (nothing to learn) it stays at ~0.75: the 0.3 threshold is 2.5x from both."""
     torch.manual_seed(0)
     val = CocoDetection(*dataset_paths(tiny_coco, "val"), SSDEvalTransform(), train=False)
     images, offsets, labels = [], [], []
@@ -193,18 +199,18 @@ def test_loss_falls_on_tiny_set(tiny_coco, coder):
         images.append(image), offsets.append(o), labels.append(lab)
     images, offsets, labels = torch.stack(images), torch.stack(offsets), torch.stack(labels)
     model = SSD300("resnet18", num_classes=4)
-    optimizer = det_main.make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = det_main.make_optimizer(model, lr=0.003, momentum=0.9, weight_decay=5e-4)
     criterion = MultiBoxLoss()
     history = []
-    for _ in range(12):
+    for _ in range(16):
         loss = sum(criterion(*model(images), offsets, labels).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         history.append(loss.item())
     assert all(torch.isfinite(torch.tensor(history)))
-    # median of the last four, so one SGD spike on a 2-image batch cannot flip the verdict
-    assert sorted(history[-4:])[1] < 0.5 * sum(history[:3]) / 3, history
+    # the last three steps against the untrained model's loss (history[0] is measured before any update)
+    assert sum(history[-3:]) / 3 < 0.3 * history[0], history
     print("loss history:", [round(v, 2) for v in history])
     # the trained model evaluated twice through the COCOeval path gives identical metrics
     loader = torch.utils.data.DataLoader(val, batch_size=4)
