@@ -14,8 +14,9 @@ from DET.model import SSD300, MultiBoxLoss
 logger = logging.getLogger("DET")
 
 
-def run_benchmark(args, rt, coder: BoxCoder, optimizer_for) -> None:
-    """Images/s over ``--benchmark-iterations`` batches after ``--benchmark-warmup`` untimed ones."""
+def run_benchmark(args, rt, coder: BoxCoder, optimizer_for) -> float:
+    """Images/s per process over ``--benchmark-iterations`` batches after ``--benchmark-warmup`` untimed ones (the
+    backbone is randomly initialised: its weights do not change the speed)."""
     training = args.mode == "benchmark-training"
     loaders = build_loaders(args.data, coder, args.bs, args.eval_batch_size, args.num_workers, rt.rank,
                             rt.world_size, seed=args.seed, with_train=training)
@@ -44,3 +45,4 @@ def run_benchmark(args, rt, coder: BoxCoder, optimizer_for) -> None:
     elapsed = time.perf_counter() - tic
     logger.info("%s: %.2f img/s per process (%d images in %.2f s, batch %d)", args.mode, n_images / elapsed,
                 n_images, elapsed, images.shape[0])
+    return n_images / elapsed

@@ -7,6 +7,13 @@ layout for CPU tests.
 Training samples are ``(image (3,300,300) float, offsets (8732,4), labels (8732,) int64)``, already
 matched and encoded by ``BoxCoder`` in the loader workers (as NVIDIA's SSD does), so the training step
 only runs the network. Validation samples are ``(image, image_id, (height, width))``.
+
+Which images and boxes are used follows NVIDIA's SSD (the code the CHEX DET numbers come from):
+* evaluation: ``src/utils.py: COCODetection`` drops images without any annotation (crowd ones count), so COCOeval
+  never sees detections on the 48 empty val2017 images;
+* training: the DALI ``COCOReader`` (``src/coco_pipeline.py``: ``skip_empty=True``, default ``size_threshold`` 0.1,
+  crowd boxes included) trains on crowd boxes like any other object, skips boxes narrower or lower than 0.1 px
+  and images left without boxes. ``crowd_as_objects=False`` drops crowd boxes instead (torchvision's choice).
 """
 
 from __future__ import annotations
@@ -51,14 +58,16 @@ class CocoDetection(Dataset):
         image_dir: folder holding the images named in the annotation file.
         ann_file: ``instances_*.json``.
         transform: callable ``(PIL image, boxes (G,4) normalised ltrb, labels (G,)) -> sample``.
-        train: drop images without (non-crowd) annotations and crowd boxes, as SSD training does.
+        train: keep only images with at least one training box (see the module docstring); otherwise keep
+            every image that has an annotation.
+        crowd_as_objects: crowd boxes are training targets (NVIDIA's DALI reader) or are dropped.
 
     Attributes:
         label_map: COCO category id → contiguous label in 1..K (0 is background), ordered by id.
         label_info: contiguous label → category name.
     """
 
-    def __init__(self, image_dir, ann_file, transform, train: bool):
+    def __init__(self, image_dir, ann_file, transform, train: bool, crowd_as_objects: bool = True):
         self.image_dir = pathlib.Path(image_dir)
         try:
             self.coco = load_coco(ann_file)
@@ -68,12 +77,15 @@ class CocoDetection(Dataset):
             raise DataError(f"image folder not found: {self.image_dir}")
         self.transform = transform
         self.train = train
+        self.crowd_as_objects = crowd_as_objects
         cat_ids = sorted(self.coco.getCatIds())
         self.label_map = {cat_id: i + 1 for i, cat_id in enumerate(cat_ids)}
         self.label_info = {i + 1: self.coco.cats[c]["name"] for i, c in enumerate(cat_ids)}
         ids = sorted(self.coco.getImgIds())
         if train:
-            ids = [i for i in ids if self.coco.getAnnIds(imgIds=i, iscrowd=False)]
+            ids = [i for i in ids if self._training_anns(i)]
+        else:
+            ids = [i for i in ids if self.coco.imgToAnns.get(i)]
         self.ids = ids
         missing = [self.coco.imgs[i]["file_name"] for i in self.ids
                    if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
@@ -94,13 +106,18 @@ class CocoDetection(Dataset):
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from exc
 
+    def _training_anns(self, image_id: int) -> list[dict]:
+        """Annotations that become training boxes: w and h >= 0.1 px (DALI's ``size_threshold``), crowd ones
+        only with ``crowd_as_objects``."""
+        return [a for a in self.coco.imgToAnns.get(image_id, [])
+                if a["bbox"][2] >= 0.1 and a["bbox"][3] >= 0.1 and (self.crowd_as_objects or not a.get("iscrowd"))]
+
     def targets(self, image_id: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Non-crowd boxes ``(G, 4)`` normalised ltrb and contiguous labels ``(G,)`` of one image."""
+        """Training boxes ``(G, 4)`` normalised ltrb (clamped to [0, 1], which leaves COCO's in-image boxes
+        unchanged) and contiguous labels ``(G,)`` of one image."""
         boxes, labels = [], []
-        for ann in self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=False)):
+        for ann in self._training_anns(image_id):
             x, y, w, h = ann["bbox"]
-            if w <= 0 or h <= 0:
-                continue
             boxes.append([x / width, y / height, (x + w) / width, (y + h) / height])
             labels.append(self.label_map[ann["category_id"]])
         return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4).clamp_(0, 1),

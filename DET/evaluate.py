@@ -1,7 +1,10 @@
 """SSD300 evaluation: decode + per-class NMS + top-200 → COCO results → COCOeval bbox; backbone FLOPs.
 
 Each rank runs its shard of the validation set; the COCO result dicts are gathered to rank 0, which runs
-``chex_tasks.coco.coco_evaluate`` over *all* validation images (images without detections count as misses).
+``chex_tasks.coco.coco_evaluate`` over the validation set's images (images without detections count as misses).
+As in NVIDIA's SSD, that set leaves out images without annotations (``DET.data.CocoDetection``) and boxes are not
+clipped to the image. Unlike NVIDIA's multi-GPU evaluation, no image is evaluated twice (its ``DistributedSampler``
+pads the last shard with repeated images, whose duplicate detections count as false positives).
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ def predict(model: nn.Module, loader, coder: BoxCoder, inverse_label_map: dict[i
                                                       sizes.tolist()):
                 boxes = det.boxes.cpu() * torch.tensor([width, height, width, height], dtype=torch.float32)
                 for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), det.labels.tolist(), det.scores.tolist()):
+                    # unrounded, as NVIDIA's evaluate() hands them to COCOeval
                     results.append({"image_id": int(image_id), "category_id": inverse_label_map[int(label)],
-                                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                                    "score": round(float(score), 5)})
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     finally:
         model.train(was_training)
     return results
@@ -143,8 +146,9 @@ def log_evaluation(model: nn.Module, backbone: str, metrics: dict[str, float] | 
                 flops["dense_gmacs"], 100.0 * flops["reduction"])
 
 
-def run_evaluation(args, rt, coder: BoxCoder) -> None:
-    """``--mode evaluation``: load ``--checkpoint`` (ours, compact, or upstream) and print COCO bbox AP."""
+def run_evaluation(args, rt, coder: BoxCoder) -> dict[str, float] | None:
+    """``--mode evaluation``: load ``--checkpoint`` (ours, compact, or upstream) and print COCO bbox AP. Returns the
+    metrics on rank 0, None elsewhere."""
     from DET.data import build_loaders
 
     loaders = build_loaders(args.data, coder, args.bs, args.eval_batch_size, args.num_workers, rt.rank,
@@ -163,3 +167,4 @@ def run_evaluation(args, rt, coder: BoxCoder) -> None:
     amp = AmpConfig(enabled=args.amp, device_type=rt.device.type)
     metrics = evaluate(model, loaders.val, coder, inverse, rt.device, amp.autocast_dtype if args.amp else None)
     log_evaluation(model, args.backbone, metrics, f"COCO bbox evaluation of {args.checkpoint}")
+    return metrics

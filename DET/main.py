@@ -9,9 +9,13 @@ Run from ``DET/``. The upstream commands work verbatim:
 
 ``torchrun --nproc_per_node=N ./main.py ...`` works as well. Flags keep NVIDIA SSD's meaning: ``--warmup`` is
 in iterations, ``--multistep`` in epochs (×0.1 each), ``--bs`` per process, lr = 2.6e-3 × world × bs / 32, and
-``--checkpoint`` in training mode resumes (like ``--resume PATH``). CHEX (``--grow_prune``; ``--delta_T``/``--T_max``
-in epochs) prunes only the backbone. Training runs on the shared run harness (docs/harness.md): checkpoints
-``checkpoint_NNNNNN.pth`` plus NVIDIA's ``epoch_K.pt`` names in ``--save``, and ``model_compact.pt`` at the end.
+``--checkpoint`` in training mode resumes (like ``--resume PATH``). As upstream, the backbone starts from
+torchvision's ImageNet weights (``--backbone-path FILE`` for a local file, ``--random-backbone`` for random init; when
+the weights cannot be had the run stops with one line), ``--no-cuda`` runs on the CPU and ``--json-summary FILE``
+writes upstream's dllogger JSON lines. CHEX (``--grow_prune``; ``--delta_T``/``--T_max`` in epochs) prunes only the
+backbone; ``--target-flops`` is resolved at 300 x 300, the resolution the backbone FLOPs are quoted at. Training
+runs on the shared run harness (docs/harness.md): checkpoints ``checkpoint_NNNNNN.pth`` plus NVIDIA's ``epoch_K.pt``
+names in ``--save``, and ``model_compact.pt`` at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from DET.box_coder import BoxCoder, dboxes300_coco
 from DET.data import build_loaders
 from DET.evaluate import run_evaluation
 from DET.model import BACKBONES, StateDictMismatch
+from DET.summary import JsonSummary, upstream_params
 from DET.task import DetTask, make_optimizer
 
 logger = logging.getLogger("DET")
@@ -49,9 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "-d", default="/coco",
                    help="COCO root holding train2017/, val2017/ and annotations/instances_{train,val}2017.json")
     p.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES),
-                   help="torchvision ResNet used up to layer3 (random init unless --pretrained-backbone)")
-    p.add_argument("--pretrained-backbone", default=None, metavar="PATH",
-                   help="local ImageNet ResNet state dict (torchvision or CLS checkpoint); never downloaded")
+                   help="torchvision ResNet used up to layer3, initialised as upstream with torchvision's ImageNet "
+                        "weights (IMAGENET1K_V1, from the torch hub cache, downloaded there if missing)")
+    p.add_argument("--backbone-path", "--pretrained-backbone", dest="backbone_path", default=None, metavar="PATH",
+                   help="initialise the backbone from this local ImageNet ResNet file (torchvision state dict or a "
+                        "CLS checkpoint) instead of torchvision's ImageNet weights; nothing is downloaded")
+    p.add_argument("--random-backbone", action="store_true",
+                   help="initialise the backbone randomly (upstream never does; for tests and from-scratch studies)")
     p.add_argument("--mode", default="training", choices=MODES, help="what to run")
     p.add_argument("--epochs", "--epoch", "-e", dest="epochs", type=int, default=65, help="number of epochs")
     p.add_argument("--bs", "--batch-size", dest="bs", type=int, default=32, help="training batch size per process")
@@ -66,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs at which the learning rate is multiplied by 0.1")
     p.add_argument("--amp", action="store_true",
                    help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU")
+    p.add_argument("--no-cuda", action="store_true", help="run on the CPU even when CUDA is available")
+    p.add_argument("--json-summary", default=None, metavar="FILE",
+                   help="write parameters, per-epoch times and mAP and the final summary to FILE as upstream's "
+                        "dllogger JSON lines (see DET/summary.py)")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="write checkpoints (checkpoint_NNNNNN.pth and epoch_{k}.pt), args.json, TensorBoard and "
                         "model_compact.pt after CHEX training here (nothing is written without it)")
@@ -113,32 +126,44 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--multistep must be non-negative epochs in increasing order, got {args.multistep}")
     if args.mode == "evaluation" and not args.checkpoint:
         parser.error("--mode evaluation needs --checkpoint")
-    for flag, path in (("--checkpoint", args.checkpoint), ("--pretrained-backbone", args.pretrained_backbone)):
+    for flag, path in (("--checkpoint", args.checkpoint), ("--backbone-path", args.backbone_path)):
         if path and not os.path.isfile(path):
             parser.error(f"{flag}: file not found: {path}")
+    if args.backbone_path and args.random_backbone:
+        parser.error("--random-backbone and --backbone-path exclude each other")
     if args.mode == "training" and args.checkpoint:
         args.resume = args.checkpoint       # NVIDIA SSD: --checkpoint continues training from that file
     return args
 
 
+def runtime_device(args: argparse.Namespace) -> str | None:
+    """``--no-cuda``: the CPU even when CUDA is available; else the harness's choice (CUDA when available)."""
+    return "cpu" if args.no_cuda else None
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(argv)
-    rt = start_runtime(args)
+    rt = start_runtime(args, device=runtime_device(args))
     logger.info("seed %d; args: %s", args.seed, vars(args))
     coder = BoxCoder(dboxes300_coco())
+    summary = JsonSummary(args.json_summary, rt.is_main)
+    summary.log("PARAMETER", upstream_params(args))
     def body():
         if args.mode == "training":
             loaders = build_loaders(args.data, coder, args.bs, args.eval_batch_size, args.num_workers, rt.rank,
                                     rt.world_size, seed=args.seed)
-            run = Run(DetTask(args, loaders, coder), args, rt, args.save, print_freq=args.log_interval)
+            run = Run(DetTask(args, loaders, coder, summary), args, rt, args.save, print_freq=args.log_interval)
             run.setup()
             run.train()
         elif args.mode == "evaluation":
-            run_evaluation(args, rt, coder)
+            metrics = run_evaluation(args, rt, coder)
+            if metrics is not None:
+                summary.log((), {"mAP": metrics["AP"]})
         else:
-            run_benchmark(args, rt, coder, lambda m: make_optimizer(m, args.learning_rate, args.momentum,
-                                                                    args.weight_decay))
+            rate = run_benchmark(args, rt, coder, lambda m: make_optimizer(m, args.learning_rate, args.momentum,
+                                                                           args.weight_decay))
+            summary.log((), {"avg_img/sec": rate})
 
     # a DataLoader re-raises worker errors with the worker traceback in the message: one_line keeps its last line
     return run_guarded(parser, body, run_errors=(DataError, StateDictMismatch, ckpt_utils.CheckpointError,

@@ -6,13 +6,40 @@ import logging
 import torch
 from torch import nn
 
-from chex_core import checkpoint as ckpt_utils
-from chex_tasks.harness import Layout, LRSchedule, Run, Task, UserError
+from chex_core import distributed as dist_utils
+from chex_tasks.harness import Layout, LRSchedule, Run, Runtime, Task, UserError
 from DET.box_coder import BoxCoder
 from DET.evaluate import evaluate, log_evaluation
-from DET.model import HEAD_CONSUMERS, SSD300, MultiBoxLoss, load_pretrained_backbone
+from DET.model import (HEAD_CONSUMERS, SSD300, BackboneInit, BackboneWeightsError, MultiBoxLoss,
+                       resolve_backbone_init)
+from DET.summary import JsonSummary
 
 logger = logging.getLogger("DET")
+
+#: the resolution DET quotes backbone FLOPs at (SSD300's input), so --target-flops is resolved there too
+FLOPS_SIZE = 300
+
+
+def backbone_init(args, rt: Runtime) -> BackboneInit:
+    """The backbone's initial weights (``--backbone-path``, ``--random-backbone`` or torchvision's ImageNet file).
+
+    The first process of each machine resolves them, downloading into the torch hub cache if needed; the others then
+    read that cache without downloading, so one machine never fetches the file twice at once. A failure anywhere is
+    the same one-line ``UserError`` on every rank (no rank is left waiting in a collective)."""
+    def resolve(download: bool) -> tuple[BackboneInit | None, str | None]:
+        try:
+            return resolve_backbone_init(args.backbone, args.backbone_path, args.random_backbone, download), None
+        except BackboneWeightsError as err:
+            return None, str(err)
+
+    init, error = resolve(True) if rt.info.local_rank == 0 else (None, None)
+    for attempt in range(2):   # the local first process, then the rest from the cache it filled
+        errors = [e for e in dist_utils.all_gather_object(error) if e]
+        if errors:
+            raise UserError(errors[0])
+        if attempt == 0 and init is None:
+            init, error = resolve(False)
+    return init
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -32,25 +59,29 @@ class DetTask(Task):
 
     name = "DET"
     layout = Layout(model_key="model", epoch_alias="epoch_{n}.pt", compact_name="model_compact.pt",
-                    weights_flag="--pretrained-backbone (backbone weights only)")
+                    weights_flag="--backbone-path (backbone weights only)")
     prunable_path = "backbone"
     stage_consumers = HEAD_CONSUMERS        # --chex-residual: the heads reading layer3 narrow with its stream
 
-    def __init__(self, args, loaders, coder: BoxCoder):
+    def __init__(self, args, loaders, coder: BoxCoder, summary: JsonSummary | None = None):
         self.args, self.loaders, self.coder = args, loaders, coder
+        self.summary = summary or JsonSummary(None)
         self.label_map = loaders.train_set.label_map
         self.criterion = MultiBoxLoss()
+        self.total_time, self.last_map = 0.0, None
 
     def build_model(self, run: Run) -> SSD300:
         model = SSD300(self.args.backbone, len(self.label_map) + 1)
-        if self.args.pretrained_backbone:
-            load_pretrained_backbone(model.backbone, ckpt_utils.load_checkpoint(self.args.pretrained_backbone),
-                                     self.args.pretrained_backbone)
-            logger.info("backbone initialised from %s", self.args.pretrained_backbone)
+        init = backbone_init(self.args, run.rt)
+        init.apply(model.backbone)
+        if init.source == "random":
+            logger.warning("backbone: random init (--random-backbone); upstream starts from ImageNet weights")
+        else:
+            logger.info("backbone initialised from %s", init.description)
         return model
 
     def flops_input_size(self, run: Run) -> tuple[int, int, int]:
-        return (3, 224, 224)
+        return (3, FLOPS_SIZE, FLOPS_SIZE)
 
     def train_loader(self, run: Run):
         return self.loaders.train
@@ -86,19 +117,27 @@ class DetTask(Task):
         return {"label_map": dict(self.label_map), "backbone": self.args.backbone}
 
     def end_epoch(self, run: Run, epoch: int, stats: dict) -> None:
+        self.total_time += stats["time_s"]
+        self.summary.log((epoch,), {"time": stats["time_s"], "loss": stats["loss"]})
         eval_epochs = set(self.args.eval_on_epochs) if self.args.eval_on_epochs is not None else {self.args.epochs - 1}
         if epoch in eval_epochs:
             inverse = {label: cat for cat, label in self.label_map.items()}
             metrics = evaluate(run.model, self.loaders.val, self.coder, inverse, run.rt.device,
                                run.amp.autocast_dtype if self.args.amp else None)
             log_evaluation(run.model, self.args.backbone, metrics, f"epoch {epoch} COCO bbox")
+            if metrics is not None:
+                self.last_map = metrics["AP"]
+                self.summary.log((epoch,), {"mAP": metrics["AP"]})
         return None
 
     def export_metadata(self, run: Run) -> dict:
         return {"backbone": self.args.backbone, "label_map": dict(self.label_map)}
 
     def finish(self, run: Run) -> None:
-        """After CHEX training: the physically smaller model, loadable with ``--mode evaluation --checkpoint``."""
+        """The JSON summary's last records; after CHEX training the physically smaller model, loadable with
+        ``--mode evaluation --checkpoint``."""
+        self.summary.log((), {"total time": self.total_time})
+        self.summary.log((), {"mAP": self.last_map} if self.last_map is not None else {})
         if run.explorer is None:
             return
         small, _, path = run.export_compact()

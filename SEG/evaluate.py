@@ -2,7 +2,9 @@
 
 torchvision's Mask R-CNN already pastes each 28x28 mask into the original image (``masks``: (N, 1, H, W)
 probabilities); here they are thresholded at 0.5 and RLE-encoded, boxes go to xywh, contiguous labels back to COCO
-category ids. Inference is sharded over ranks and gathered on rank 0, which runs COCOeval.
+category ids. A model in maskrcnn-benchmark's conventions (``SEG.conventions``) produces inclusive pixel boxes, which
+upstream converts with width = x2 - x1 + 1; that is done here too, so a released checkpoint is scored as upstream
+scored it. Inference is sharded over ranks and gathered on rank 0, which runs COCOeval.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from chex_tasks.coco import METRIC_NAMES, coco_evaluate
 from chex_tasks.harness.data import make_eval_loader
 from chex_tasks.progress import progress
 
-from .data import CocoInstances, collate, split_paths
+from .conventions import box_convention
+from .data import CocoInstances, SegSplits, collate, resolve_splits
 from .model import (SamplingConfig, body_macs, build_maskrcnn, dense_body_macs, is_upstream_state_dict,
                     load_model_weights)
 
@@ -31,16 +34,21 @@ logger = logging.getLogger(__name__)
 MASK_THRESHOLD = 0.5
 
 
-def outputs_to_coco(output: dict, image_id: int, label_to_cat: dict[int, int]) -> tuple[list[dict], list[dict]]:
+def outputs_to_coco(output: dict, image_id: int, label_to_cat: dict[int, int],
+                    convention: str = "torchvision") -> tuple[list[dict], list[dict]]:
     """One image's Mask R-CNN output -> (bbox results, segm results) in COCO result format.
 
     ``output``: ``boxes`` (N, 4) xyxy pixels, ``labels`` (N,) contiguous, ``scores`` (N,), ``masks`` (N, 1, H, W)
-    in [0, 1]. Masks are binarised at 0.5 and RLE-encoded (counts as str, JSON-safe).
+    in [0, 1]. Masks are binarised at 0.5 and RLE-encoded (counts as str, JSON-safe). ``convention`` "upstream":
+    boxes are inclusive, width = x2 - x1 + 1 (maskrcnn-benchmark ``BoxList.convert("xywh")``).
     """
+    if convention not in ("torchvision", "upstream"):
+        raise ValueError(f"unknown box convention {convention!r}")
     boxes = output["boxes"].detach().float().cpu()
     scores = output["scores"].detach().float().cpu().tolist()
     labels = output["labels"].detach().cpu().tolist()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    extra = 1.0 if convention == "upstream" else 0.0
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2] + extra], dim=1).tolist()
     bbox_res, segm_res = [], []
     masks = None
     if "masks" in output and len(labels):
@@ -81,12 +89,13 @@ def predict(model: torch.nn.Module, dataset: CocoInstances, device: torch.device
                               world_size=distributed.get_world_size(), collate_fn=collate, limit=limit)
     was_training = model.training
     model.eval()
+    convention = box_convention(model)
     bbox_res, segm_res = [], []
     try:
         for images, targets in progress(loader, total=len(loader), desc="eval", is_main=distributed.is_main_process()):
             outputs = model([img.to(device) for img in images])
             for out, tgt in zip(outputs, targets):
-                b, s = outputs_to_coco(out, tgt["image_id"], dataset.label_to_cat)
+                b, s = outputs_to_coco(out, tgt["image_id"], dataset.label_to_cat, convention)
                 bbox_res += b
                 segm_res += s
     finally:
@@ -117,17 +126,26 @@ def format_report(metrics: dict[str, dict[str, float]], macs: int | None = None,
 
 UPSTREAM_CHECKPOINT = "maskrcnn_37%flops_37.3apbox_34.5apmask.pth.tar"
 FINAL_NAME = "model_final.pth"
-# Architecture flags recorded in our checkpoints: evaluation rebuilds the model the checkpoint was trained with.
-ARCH_FLAGS = ("norm", "head_norm", "stride_in_1x1")
-UPSTREAM_ARCH = {"norm": "gn", "head_norm": "gn", "stride_in_1x1": True}
+# Architecture flags recorded in our checkpoints: evaluation rebuilds the model the checkpoint was trained with
+# (the conventions included: a model trained with upstream's arithmetic is evaluated with it).
+ARCH_FLAGS = ("norm", "head_norm", "stride_in_1x1", "conventions")
+UPSTREAM_ARCH = {"norm": "gn", "head_norm": "gn", "stride_in_1x1": True, "conventions": "upstream"}
 
 
 def model_from_args(args, num_classes: int) -> torch.nn.Module:
+    """The Mask R-CNN the flags describe (``--conventions`` already resolved: "auto" counts as torchvision's)."""
     sampling = SamplingConfig(args.rpn_pre_nms_top_n_train, args.rpn_post_nms_top_n_train,
                               args.rpn_pre_nms_top_n_test, args.rpn_post_nms_top_n_test,
                               args.rpn_batch_size_per_image, args.box_batch_size_per_image, args.box_detections_per_img)
+    conventions = "upstream" if getattr(args, "conventions", None) == "upstream" else "torchvision"
     return build_maskrcnn(num_classes, norm=args.norm, head_norm=args.head_norm, stride_in_1x1=args.stride_in_1x1,
-                          min_size=args.min_size, max_size=args.max_size, sampling=sampling)
+                          min_size=args.min_size, max_size=args.max_size, sampling=sampling, conventions=conventions,
+                          post_nms_per_batch=getattr(args, "rpn_post_nms_per_batch", True))
+
+
+def splits_from_args(args) -> SegSplits:
+    """The training sets and the evaluation set of ``--data-path``/``--year``/``--eval-split`` (``DataError``)."""
+    return resolve_splits(args.data_path, args.year, args.eval_split, need_train=not args.eval_only)
 
 
 def find_eval_checkpoint(path) -> Path:
@@ -149,9 +167,11 @@ def find_eval_checkpoint(path) -> Path:
 
 
 def run_evaluation(model, args, device, dense_macs: int | None = None) -> dict:
-    """Sharded inference + COCOeval on rank 0; logs the upstream-style table and writes ``eval_metrics.json``."""
-    images, ann = split_paths(args.data_path, "val", args.year)
-    val = CocoInstances(images, ann, train=False)
+    """Sharded inference + COCOeval on rank 0 over the evaluation set of ``--eval-split``; logs the upstream-style
+    table and writes ``eval_metrics.json`` with the set evaluated and any warning about it (e.g. all of val2014
+    overlaps the released model's training images)."""
+    splits = splits_from_args(args)
+    val = CocoInstances(splits.test.images, splits.test.annotations, train=False)
     bbox_res, segm_res = predict(model, val, device, batch_size=1, workers=min(args.workers, 2), limit=args.eval_limit)
     if not distributed.is_main_process():
         return {}
@@ -159,9 +179,14 @@ def run_evaluation(model, args, device, dense_macs: int | None = None) -> dict:
     metrics = evaluate_results(val, bbox_res, segm_res, image_ids=ids)
     macs = body_macs(model)
     dense = dense_macs if dense_macs is not None else dense_body_macs(args.stride_in_1x1)
-    logger.info("COCO%s val (%d images, %d detections):\n%s", args.year, len(ids) if ids else len(val),
-                len(bbox_res), format_report(metrics, macs, dense))
-    out = {**metrics, "body_macs": macs, "dense_body_macs": dense, "flops_reduction": 1 - macs / dense}
+    n_images = len(ids) if ids else len(val)
+    logger.info("%s (%d images, %d detections):\n%s", splits.test.name, n_images, len(bbox_res),
+                format_report(metrics, macs, dense))
+    for warning in splits.warnings:
+        logger.warning("%s", warning)
+    out = {**metrics, "body_macs": macs, "dense_body_macs": dense, "flops_reduction": 1 - macs / dense,
+           "eval_set": {"name": splits.test.name, "annotations": str(splits.test.annotations), "images": n_images},
+           "warnings": list(splits.warnings)}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "eval_metrics.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -190,7 +215,8 @@ def evaluate_checkpoint(args, device) -> dict:
         if flag in saved and saved[flag] != getattr(args, flag):
             logger.info("using the checkpoint's --%s %s", flag.replace("_", "-"), saved[flag])
             setattr(args, flag, saved[flag])
-    num_classes = CocoInstances(*split_paths(args.data_path, "val", args.year), train=False).num_classes
+    test = splits_from_args(args).test
+    num_classes = CocoInstances(test.images, test.annotations, train=False).num_classes
     model = model_from_args(args, num_classes)
     kind = load_model_weights(model, ckpt)
     logger.info("loaded %s checkpoint %s (iteration %s)", kind, args.weights, ckpt.get("iteration", "?"))
@@ -199,4 +225,4 @@ def evaluate_checkpoint(args, device) -> dict:
 
 
 __all__ = ["outputs_to_coco", "target_as_output", "predict", "evaluate_results", "format_report", "run_evaluation",
-           "evaluate_checkpoint", "find_eval_checkpoint", "model_from_args"]
+           "evaluate_checkpoint", "find_eval_checkpoint", "model_from_args", "splits_from_args", "read_eval_checkpoint"]

@@ -9,7 +9,9 @@ Upstream (zejiangh/Filter-GaP ``SEG/pytorch``, maskrcnn-benchmark) layout that t
 - GroupNorm(32) in the body, the FPN, the box head (fc6/fc7) and the mask head (``--norm gn --head-norm gn``);
 - stride in the first 1x1 conv of each bottleneck (maskrcnn-benchmark ``STRIDE_IN_1X1: True``);
 - images in BGR, 0..255, minus the per-channel pixel mean (std 1). Released checkpoints are converted on load
-  (stem conv input channels flipped to RGB) and the model's transform is switched to that pixel convention.
+  (stem conv input channels flipped to RGB) and the model's transform is switched to that pixel convention;
+- maskrcnn-benchmark's anchors, "+1" box coding, proposal selection and post-processing: ``conventions="upstream"``
+  (``SEG.conventions``), switched on automatically when a released checkpoint is loaded.
 """
 from __future__ import annotations
 
@@ -33,9 +35,13 @@ from chex_core.compact import apply_width_spec, compact_model
 from chex_core.flops import count_macs
 from chex_core.groups import resnet_groups
 
+from .conventions import (ANCHOR_SIZES, ANCHOR_STRIDES, apply_upstream_conventions, cell_anchors_from_state_dict,
+                          legacy_cell_anchors)
+
 logger = logging.getLogger(__name__)
 
 NORMS = ("gn", "bn", "syncbn")
+CONVENTIONS = ("torchvision", "upstream")
 GN_GROUPS = 32
 
 # maskrcnn-benchmark's PIXEL_MEAN (BGR, 0..255) rewritten for torchvision's transform, which sees RGB in 0..1:
@@ -118,13 +124,20 @@ def build_maskrcnn(
     min_size: int = 800,
     max_size: int = 1333,
     sampling: SamplingConfig = SamplingConfig(),
+    conventions: str = "torchvision",
+    post_nms_per_batch: bool = True,
 ) -> MaskRCNN:
     """Mask R-CNN R-50-FPN, random init (weights=None), all five body stages trainable.
 
     ``num_classes`` includes background (COCO: 81). ``norm`` is the body's norm (gn | bn | syncbn; syncbn is
     converted only when CUDA is available, otherwise plain BN with a warning). ``head_norm`` (gn | none) puts GN in
-    the FPN, box head and mask head, as the upstream GN config does.
+    the FPN, box head and mask head, as the upstream GN config does. ``conventions="upstream"`` uses
+    maskrcnn-benchmark's arithmetic and pixel convention (``SEG.conventions``); the parameters are the same.
+    ``post_nms_per_batch`` (upstream conventions only): in training, keep the best RPN proposals of the whole batch
+    (maskrcnn-benchmark) rather than of each image.
     """
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"unknown conventions {conventions!r}; choose one of {CONVENTIONS}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
     if head_norm not in ("gn", "none"):
@@ -156,6 +169,9 @@ def build_maskrcnn(
             model.backbone.body = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone.body)
         else:
             warnings.warn("--norm syncbn needs CUDA; using plain BatchNorm2d on CPU", stacklevel=2)
+    if conventions == "upstream":
+        apply_upstream_conventions(model, post_nms_per_batch=post_nms_per_batch)
+        set_pixel_convention(model, upstream=True)
     return model
 
 
@@ -335,9 +351,11 @@ def to_upstream_names(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
 def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -> str:
     """Load weights from one of our checkpoints (``model`` key) or a released upstream one (``model`` or bare).
 
-    Returns ``"upstream"`` or ``"native"``; for upstream files the pixel convention is switched to upstream's.
-    A compact checkpoint (any layout ``chex_tasks.export.read_compact`` reads) rebuilds the body (and the FPN laterals
-    of narrowed residual streams) to its widths first.
+    Returns ``"upstream"`` or ``"native"``. An upstream file switches the model to upstream's conventions
+    (``SEG.conventions``: anchors, "+1" box coding, proposal/detection selection, pixel convention) and installs the
+    file's own ``cell_anchors`` when it has them, so it is evaluated or fine-tuned with the arithmetic it was
+    trained with. A compact checkpoint (any layout ``chex_tasks.export.read_compact`` reads) rebuilds the body (and
+    the FPN laterals of narrowed residual streams) to its widths first.
     Raises ``CheckpointMismatchError`` with the offending names on any mismatch.
     """
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
@@ -345,7 +363,7 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
         raise CheckpointMismatchError("checkpoint holds no model state dict (expected a 'model' entry of tensors)")
     if is_upstream_state_dict(state):
         model.load_state_dict(convert_upstream_state_dict(state, model), strict=True)
-        set_pixel_convention(model, upstream=True)
+        _switch_to_upstream(model, state)
         return "upstream"
     compact = read_compact(checkpoint)
     if compact is not None:
@@ -366,3 +384,20 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
         logger.warning("non-strict load: missing %s, unexpected %s", result.missing_keys[:5],
                        result.unexpected_keys[:5])
     return "native"
+
+
+def _switch_to_upstream(model: MaskRCNN, state: dict) -> None:
+    """Upstream conventions + pixel convention, with the checkpoint's cell anchors where it stores them."""
+    try:
+        anchors = cell_anchors_from_state_dict(state)
+        # a model built in upstream mode keeps its per-batch / per-image proposal rule (--rpn-post-nms-per-batch)
+        apply_upstream_conventions(model, cell_anchors=anchors,
+                                   post_nms_per_batch=getattr(model.rpn, "post_nms_per_batch", True))
+    except ValueError as err:
+        raise CheckpointMismatchError(f"upstream checkpoint anchors: {err}") from None
+    if anchors is not None:
+        computed = [legacy_cell_anchors(st, sz) for st, sz in zip(ANCHOR_STRIDES, ANCHOR_SIZES)]
+        if any(not torch.equal(a, c) for a, c in zip(anchors, computed)):
+            logger.warning("the checkpoint's cell anchors differ from maskrcnn-benchmark's formula; using the "
+                           "checkpoint's")
+    set_pixel_convention(model, upstream=True)

@@ -7,14 +7,15 @@ import logging
 import torch
 
 from chex_core import distributed
-from chex_tasks.harness import DataError, Layout, LRSchedule, Run, Task, make_train_loader
+from chex_tasks.harness import DataError, Layout, LRSchedule, Run, Task, UserError, make_train_loader
 
-from .data import CocoInstances, GroupedInfiniteBatchSampler, aspect_ratio_groups, collate
+from .data import CocoInstances, ConcatInstances, GroupedInfiniteBatchSampler, aspect_ratio_groups, collate
 from .evaluate import FINAL_NAME, model_from_args, run_evaluation
-from .model import FPN_LATERALS
+from .model import FPN_LATERALS, load_model_weights
 
 logger = logging.getLogger("SEG.train")
 COMPACT_NAME = "model_compact.pth"
+FLOPS_SIZE = 224   # the paper quotes body FLOPs at 224 x 224; --target-flops is resolved there too
 
 
 class SegTask(Task):
@@ -27,14 +28,28 @@ class SegTask(Task):
     prunable_path = "backbone.body"
     stage_consumers = FPN_LATERALS          # --chex-residual: the FPN laterals narrow with the stages they read
 
-    def __init__(self, args, dataset: CocoInstances):
-        self.args, self.dataset = args, dataset
+    def __init__(self, args, dataset: CocoInstances | ConcatInstances, weights: dict | None = None):
+        self.args, self.dataset, self.weights = args, dataset, weights
 
     def build_model(self, run: Run):
-        return model_from_args(self.args, self.dataset.num_classes)
+        """The model of the flags; with ``--weights``, started from that file (a released maskrcnn-benchmark file
+        also installs its anchors; ``--conventions`` was resolved to upstream for it)."""
+        model = model_from_args(self.args, self.dataset.num_classes)
+        if self.weights is not None:
+            kind = load_model_weights(model, self.weights)
+            logger.info("initialised from %s checkpoint %s", kind, self.args.weights)
+        return model
 
     def flops_input_size(self, run: Run) -> tuple[int, int, int]:
-        return (3, 224, 224)   # the paper quotes body FLOPs at 224 x 224
+        return (3, FLOPS_SIZE, FLOPS_SIZE)
+
+    def resume_checks(self, run: Run, ckpt: dict, path: str) -> None:
+        """The same weights load in either convention, so a resume under the other one would continue silently
+        with different arithmetic: refuse it."""
+        saved = (ckpt.get("args") or {}).get("conventions") or "torchvision"
+        if saved != self.args.conventions:
+            raise UserError(f"--resume {path} was trained with --conventions {saved}; this run uses "
+                            f"{self.args.conventions} (pass --conventions {saved})")
 
     def train_loader(self, run: Run):
         a, ds = self.args, self.dataset

@@ -15,19 +15,22 @@ automatically from ``--output-dir``.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
+from pathlib import Path
 
 from chex_core import cli as chex_cli
 from chex_core.checkpoint import CheckpointError
 from chex_core.engine import NonFiniteLossError
-from chex_tasks.harness import (DataError, OneLineParser, Run, add_run_args, check_run_args, require_at_least,
-                                run_guarded, start_runtime)
+from chex_tasks.harness import (DataError, OneLineParser, Run, UserError, add_run_args, check_run_args,
+                                require_at_least, run_guarded, start_runtime)
 
-from .data import CocoInstances, split_paths
+from .data import MINIVAL_ANN, SPLIT_CHOICES, build_instances
 from .evaluate import UPSTREAM_CHECKPOINT, evaluate_checkpoint, find_eval_checkpoint  # noqa: F401 (re-exported)
-from .model import NORMS, CheckpointMismatchError
-from .task import SegTask
+from .evaluate import model_from_args, read_eval_checkpoint, splits_from_args
+from .model import CONVENTIONS, NORMS, CheckpointMismatchError, is_upstream_state_dict
+from .task import FLOPS_SIZE, SegTask
 
 logger = logging.getLogger("SEG.train")
 
@@ -38,8 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="SEG overrides of the CHEX flag defaults: --chex-criterion leverage, --chex-regrow random, "
                "--chex-allocation uniform (the released SEG variant); --T_max 0 means 0.75 x --max-iter.")
     p.add_argument("--data-path", default="data/coco2014",
-                   help="COCO root with train2014/, val2014/ and annotations/instances_{train,val}2014.json")
-    p.add_argument("--year", default="2014", help="COCO release year in folder/file names (default 2014)")
+                   help="COCO root with train2014/, val2014/ and annotations/instances_{train,val}2014.json, plus "
+                        "instances_{minival,valminusminival}2014.json for upstream's split")
+    p.add_argument("--year", default="2014",
+                   help="COCO release year in folder/file names (default 2014; 2017: train2017/val2017, which is "
+                        "upstream's split under other names)")
+    p.add_argument("--eval-split", choices=SPLIT_CHOICES, default="auto",
+                   help="COCO2014 evaluation set: minival = upstream's (5,000 images; also trains on "
+                        "valminusminival), val = all of val2014 (overlaps the released model's training images), "
+                        "auto = minival when its annotation files exist, else val with a warning (default auto)")
     p.add_argument("--output-dir", default="results", help="checkpoints, TensorBoard logs, args.json, metrics")
     # schedule (iterations; upstream SOLVER section)
     p.add_argument("--max-iter", type=int, default=270000, help="total training iterations (optimizer steps)")
@@ -64,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GroupNorm in FPN, box head and mask head (upstream gn config) or none")
     p.add_argument("--stride-in-1x1", action=argparse.BooleanOptionalAction, default=True,
                    help="stride in each bottleneck's first 1x1 conv (maskrcnn-benchmark) instead of the 3x3")
+    p.add_argument("--conventions", choices=("auto", *CONVENTIONS), default="auto",
+                   help="box/anchor arithmetic: upstream = maskrcnn-benchmark's (anchors, +1 box coding, proposal "
+                        "selection, BGR255 pixels; docs/upstream_conventions.md), torchvision = torchvision's; auto = "
+                        "upstream for a released maskrcnn-benchmark checkpoint in --weights, else torchvision "
+                        "(scripts/train.sh passes upstream)")
+    p.add_argument("--rpn-post-nms-per-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="upstream conventions, training: keep the best --rpn-post-nms-top-n-train proposals of the "
+                        "whole batch (maskrcnn-benchmark) instead of per image")
     p.add_argument("--min-size", type=int, default=800, help="shorter image side after resizing (pixels)")
     p.add_argument("--max-size", type=int, default=1333, help="cap on the longer image side (pixels)")
     for name, default, what in (("rpn-pre-nms-top-n-train", 2000, "RPN proposals per level before NMS"),
@@ -81,10 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on val after training")
     p.add_argument("--eval-only", action="store_true", help="only evaluate --weights (no training)")
     p.add_argument("--weights", default=None,
-                   help="checkpoint file to evaluate, or a folder: the upstream release file, else model_final.pth, "
-                        "else the newest checkpoint in it (default: --output-dir)")
+                   help="--eval-only: checkpoint file to evaluate, or a folder: the upstream release file, else "
+                        "model_final.pth, else the newest checkpoint in it (default: --output-dir). Training: start "
+                        "from this file's weights (ours, a compact export or a released upstream file), as "
+                        "maskrcnn-benchmark's MODEL.WEIGHT; a checkpoint in --output-dir to resume from wins")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="let --eval-only fully unpickle a trusted release checkpoint that the safe loader rejects")
+                   help="let --weights fully unpickle a trusted release checkpoint that the safe loader rejects")
+    p.add_argument("--check-args", action="store_true",
+                   help="only check the flags and the data layout (exit 0, or 2 with one line); scripts/*.sh run "
+                        "this before launching torchrun, so a mistake is not buried in a launcher traceback")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N val images")
     add_run_args(p, resume_default="auto", period_flags=("--checkpoint-period",), period_default=2500)
     # SEG recipe: constants hard-coded in upstream engine/trainer.py, as flags here (ΔT, T_max in iterations).
@@ -110,13 +133,15 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     if args.grow_prune and args.T_max > args.max_iter:
         parser.error(f"--T_max ({args.T_max}) is beyond --max-iter ({args.max_iter})")
     # Fail on a wrong data path now, with the flag's name, rather than deep inside a worker.
+    minival = Path(args.data_path) / "annotations" / MINIVAL_ANN
+    if args.eval_split == "minival" and str(args.year) == "2014" and not minival.is_file():
+        parser.error(f"--eval-split minival: {minival} not found (coco_annotations_minival.tgz, as upstream's "
+                     "download_dataset.sh fetches it)")
     try:
-        if not args.eval_only:
-            split_paths(args.data_path, "train", args.year)
-        split_paths(args.data_path, "val", args.year)  # evaluation needs val either way
+        splits_from_args(args)
     except DataError as err:
         parser.error(f"--data-path: {err}")
-    if args.eval_only:
+    if args.eval_only or args.weights:
         try:
             args.weights = str(find_eval_checkpoint(args.weights or args.output_dir))
         except FileNotFoundError as err:
@@ -124,16 +149,63 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     return args
 
 
+def resolve_conventions(args, weights: dict | None) -> str:
+    """``--conventions auto``: upstream for a released maskrcnn-benchmark file in ``--weights``, the recorded ones for
+    one of our checkpoints, else torchvision. A released file always computes with upstream's conventions: asking for
+    torchvision's is a ``UserError``."""
+    weights = weights if isinstance(weights, dict) else {}
+    state = weights.get("model", weights.get("state_dict", weights))
+    upstream_file = isinstance(state, dict) and is_upstream_state_dict(state)
+    if upstream_file and args.conventions == "torchvision":
+        raise UserError(f"--conventions torchvision: {args.weights} is a maskrcnn-benchmark checkpoint, which is "
+                        "trained and evaluated with upstream's conventions (drop the flag)")
+    if args.conventions != "auto":
+        return args.conventions
+    recorded = (weights.get("args") or {}).get("conventions") if isinstance(weights.get("args"), dict) else None
+    return "upstream" if upstream_file else recorded if recorded in CONVENTIONS else "torchvision"
+
+
+def check_target_flops(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--check-args`` with ``--target-flops``: resolve the target on the dense body as training will (exit 2 with
+    one line when it cannot be met), so the scripts catch it before torchrun starts."""
+    model = model_from_args(args, 2)   # the class count changes the heads only, not the body the target is about
+    body = model.backbone.body
+    chex_cli.explorer_from_args(copy.copy(args), body, chex_cli.groups_from_args(args, body), steps_per_unit=1,
+                                input_size=(3, FLOPS_SIZE, FLOPS_SIZE), parser=parser)
+
+
+def check_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--check-args``: what ``parse_args`` checks, plus the checks that need a model or the --weights file."""
+    def body():
+        if args.eval_only:
+            return
+        if args.weights and args.conventions == "torchvision":
+            resolve_conventions(args, read_eval_checkpoint(args.weights, args.allow_pickle))
+        if args.grow_prune and args.target_flops is not None:
+            check_target_flops(parser, args)
+
+    return run_guarded(parser, body, run_errors=(CheckpointError,))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(argv, parser)
+    if args.check_args:
+        return check_only(parser, args)
     rt = start_runtime(args)
     def body():
+        splits = splits_from_args(args)
+        for warning in splits.warnings:
+            logger.warning("%s", warning)
         if args.eval_only:
             evaluate_checkpoint(args, rt.device)
             return
-        dataset = CocoInstances(*split_paths(args.data_path, "train", args.year), train=True)
-        run = Run(SegTask(args, dataset), args, rt, args.output_dir, print_freq=args.print_freq)
+        weights = read_eval_checkpoint(args.weights, args.allow_pickle) if args.weights else None
+        args.conventions = resolve_conventions(args, weights)
+        logger.info("training on %s, evaluating on %s, %s conventions", " + ".join(s.name for s in splits.train),
+                    splits.test.name, args.conventions)
+        dataset = build_instances(splits.train, train=True, box_convention=args.conventions)
+        run = Run(SegTask(args, dataset, weights), args, rt, args.output_dir, print_freq=args.print_freq)
         run.setup()
         run.train()
 

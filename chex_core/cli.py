@@ -87,9 +87,12 @@ def validate_chex_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     """Exit with status 2 and one line naming the flag if a CHEX flag is out of range."""
     if not 0.0 <= args.channel_sparsity < 1.0:
         parser.error(f"--channel_sparsity must be in [0, 1), got {args.channel_sparsity}")
-    if not 0.0 <= args.init_channel_ratio <= args.channel_sparsity:
+    if args.target_flops is None and not 0.0 <= args.init_channel_ratio <= args.channel_sparsity:
         parser.error(f"--init_channel_ratio must be in [0, --channel_sparsity={args.channel_sparsity}], "
                      f"got {args.init_channel_ratio}")
+    if args.target_flops is not None and not 0.0 <= args.init_channel_ratio < 1.0:
+        # the sparsity comes from the target, known once the model exists: explorer_from_args checks against it
+        parser.error(f"--init_channel_ratio must be in [0, 1), got {args.init_channel_ratio}")
     if args.delta_T < 1:
         parser.error(f"--delta_T must be >= 1, got {args.delta_T}")
     if args.T_max < args.delta_T:

@@ -25,6 +25,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.numerics
 def test_retarget_explorer_lands_on_budget():
     torch.manual_seed(0)
     model = accuracy_study.CifarResNet(1, (8, 16, 16))

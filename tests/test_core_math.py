@@ -26,6 +26,7 @@ def planted_weight(seed=0, c_out=12, rows=40, rank=4, noise=1e-4):
     return w, planted
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("criterion", ["qr", "leverage"])
 @pytest.mark.parametrize("seed", range(5))
 def test_planted_columns_are_recovered(criterion, seed):
@@ -33,6 +34,7 @@ def test_planted_columns_are_recovered(criterion, seed):
     assert torch.equal(select_channels(w, planted.numel(), criterion), planted)
 
 
+@pytest.mark.numerics
 def test_qr_agrees_with_scipy_pivot_order():
     w = torch.randn(16, 4, 3, 3)
     x = w.reshape(16, -1).t().double().numpy()
@@ -78,6 +80,7 @@ def test_regrow_draws_exact_count_outside_kept_and_is_reproducible(method):
     assert regrow_channels(w, kept, 100, torch.Generator(), method).numel() == 16
 
 
+@pytest.mark.numerics
 def test_importance_prefers_channels_outside_the_kept_span():
     # channel 1 is far from span(kept), channel 2 lies in it: importance sampling must almost always pick 1
     x = torch.zeros(6, 3, dtype=torch.float64)

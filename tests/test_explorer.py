@@ -77,6 +77,7 @@ def train_steps(model, ex, opt, n, start=0, seed=0):
     return events
 
 
+@pytest.mark.numerics
 def test_start_density_and_masks_stay_dead_under_momentum_and_weight_decay(tiny_model):
     ex = make(tiny_model, sparsity=0.5, delta0=0.2)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.05, momentum=0.875, weight_decay=3e-5)
@@ -86,9 +87,12 @@ def test_start_density_and_masks_stay_dead_under_momentum_and_weight_decay(tiny_
     events = train_steps(tiny_model, ex, opt, 40)
     assert len(events) == 5
     assert dead_entries_are_zero(ex, opt)
-    # after T_max the density is exactly the target (delta = 0 at the last event)
+    # after T_max the density is exactly the target (delta = 0 at the last event), plus one channel for each group the
+    # global ranking would empty (the 1-channel floor); which groups those are depends on the trajectory, so on the
+    # CPU's kernels (baseline x86-64 kernels floor one more group here than AVX-512 ones)
     total = sum(sizes)
-    assert sum(ex.widths().values()) == total - int(total * 0.5)
+    at_floor = sum(1 for w in ex.widths().values() if w == 1)
+    assert total - int(total * 0.5) <= sum(ex.widths().values()) <= total - int(total * 0.5) + at_floor
     assert min(ex.widths().values()) >= 1
 
 

@@ -113,6 +113,8 @@ def test_onnx_and_program_parity(compact, tmp_path):
     import onnx
     proto = onnx.load(onnx_path)
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    # onnxruntime's kernels and torch's sum in other orders: fp32 rounding moves these logits (|z| < 2) by ~1e-6
+    # (7e-7 measured with AVX-512, AVX2 and baseline x86-64 torch kernels); 1e-4 is 100x that, the bug below is 1.
     assert ex.onnx_parity(model, onnx_path, inputs) < 1e-4
     broken = _rebuild(path)  # the parity check must be able to fail
     with torch.no_grad():
@@ -135,6 +137,7 @@ def _load_cli():
     return mod
 
 
+@pytest.mark.numerics
 def test_cli_compact_and_masked_inputs(compact, tmp_path, caplog, capsys):
     dense, masks, small, path = compact
     cli = _load_cli()

@@ -144,6 +144,7 @@ def _masked_bn_model(sparsity: float = 0.5) -> tuple[torch.nn.Module, ChannelExp
     return model.eval(), explorer
 
 
+@pytest.mark.numerics
 def test_compact_body_equals_masked_bn_and_gn_is_rejected(tmp_path):
     model, explorer = _masked_bn_model()
     assert explorer.density() == pytest.approx(0.5, abs=0.01)

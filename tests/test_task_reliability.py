@@ -56,7 +56,7 @@ def task_flags(task: str, data: Path, ws: Path) -> list[str]:
                 "-p", "0", "--training-only", "--epochs", "3", "--checkpoint-every", "1", "--keep-checkpoints", "99",
                 "--workspace", str(ws)]
     if task == "DET":    # 1 step/epoch, 3 epochs, events at steps 1 and 2
-        return ["--backbone", "resnet18", "--bs", "2", "--data", str(data),
+        return ["--backbone", "resnet18", "--random-backbone", "--bs", "2", "--data", str(data),
                 "--multistep", "10", "--warmup", "2", "--grow_prune", "--channel_sparsity", "0.5",
                 "--init_channel_ratio", "0.2", "--delta_T", "1", "--T_max", "2", "--max-iters-per-epoch", "1",
                 "--num-workers", "0", "--eval-on-epochs", "99", "--epochs", "3", "--seed", "1", "--log-interval", "1",

@@ -6,6 +6,14 @@
 # (python -m SEG.train --help lists them all).
 #
 #   DATA_DIR      COCO root with train2014/ val2014/ annotations/   (default /datasets/coco2014)
+#   YEAR          COCO release in the folder names: 2014 (upstream) or 2017 (default 2014)
+#   EVAL_SPLIT    auto | minival | val: upstream trains on train2014 + valminusminival and evaluates on minival, using
+#                 annotations/instances_{minival,valminusminival}2014.json; auto = that when the files exist, else
+#                 train2014 / all of val2014 with a warning (default auto)
+#   CONVENTIONS   upstream (maskrcnn-benchmark's anchors, box coding, proposal selection, BGR255 pixels) | torchvision
+#                 | auto (default upstream)
+#   WEIGHTS       start from this checkpoint's weights, e.g. the released file (default: none; a checkpoint in
+#                 RESULTS to resume from wins)
 #   RESULTS       checkpoints, logs, metrics; training resumes from here (default SEG/results)
 #   NGPU          processes to launch (default: number of CUDA devices, 8 upstream; 1 on a CPU-only machine)
 #   IMS_PER_BATCH images per iteration over all processes (default 32); must be divisible by NGPU
@@ -36,8 +44,17 @@ SEG_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REPO_DIR="$(dirname "$SEG_DIR")"
 source "$REPO_DIR/scripts/launcher.sh"
 
-CUDA_COUNT="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+# the number of CUDA devices, asked of torch only when NGPU or AMP is not given (importing torch takes seconds)
+if [ -z "${NGPU:-}" ] || [ -z "${AMP:-}" ]; then
+    CUDA_COUNT="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+else
+    CUDA_COUNT=0
+fi
 DATA_DIR="${DATA_DIR:-/datasets/coco2014}"
+YEAR="${YEAR:-2014}"
+EVAL_SPLIT="${EVAL_SPLIT:-auto}"
+CONVENTIONS="${CONVENTIONS:-upstream}"
+WEIGHTS="${WEIGHTS:-}"
 RESULTS="${RESULTS:-$SEG_DIR/results}"
 if [ "$CUDA_COUNT" -gt 0 ]; then NGPU="${NGPU:-$CUDA_COUNT}"; AMP="${AMP:-1}"; else NGPU="${NGPU:-1}"; AMP="${AMP:-0}"; fi
 IMS_PER_BATCH="${IMS_PER_BATCH:-32}"
@@ -66,7 +83,8 @@ if [ $((IMS_PER_BATCH % NGPU)) -ne 0 ]; then
     exit 2
 fi
 
-FLAGS=(--data-path "$DATA_DIR" --output-dir "$RESULTS" --batch-size $((IMS_PER_BATCH / NGPU)) --lr "$LR"
+FLAGS=(--data-path "$DATA_DIR" --year "$YEAR" --eval-split "$EVAL_SPLIT" --conventions "$CONVENTIONS"
+       --output-dir "$RESULTS" --batch-size $((IMS_PER_BATCH / NGPU)) --lr "$LR"
        --max-iter "$MAX_ITER" --steps $STEPS --warmup-iters "$WARMUP_ITERS" --norm "$NORM"
        --min-size "$MIN_SIZE" --max-size "$MAX_SIZE" --checkpoint-period "$CKPT_PERIOD" --workers "$WORKERS"
        --channel_sparsity "$SPARSITY" --init_channel_ratio "$DELTA0" --delta_T "$DELTA_T" --T_max "$T_MAX"
@@ -78,7 +96,10 @@ elif [ "$PRUNE_DOWNSAMPLE" = 1 ]; then
     FLAGS+=(--chex-prune-downsample)
 fi
 [ "$AMP" = 1 ] && FLAGS+=(--amp)
+[ -n "$WEIGHTS" ] && FLAGS+=(--weights "$WEIGHTS")
 
-mkdir -p "$RESULTS"
 cd "$REPO_DIR"
+# A flag mistake is one line and exit status 2 here, before torchrun would wrap it in its own traceback.
+"$PYTHON" -m SEG.train --check-args "${FLAGS[@]}" "$@"
+mkdir -p "$RESULTS"
 exec "${TORCHRUN[@]}" --standalone --nproc_per_node "$NGPU" -m SEG.train "${FLAGS[@]}" "$@"

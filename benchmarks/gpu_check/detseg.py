@@ -114,7 +114,7 @@ def run_det(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.seed)
     device, classes = cfg.device, 81
-    # NCHW, as DET/main.py trains it (SSD300.forward's head .view() needs contiguous outputs)
+    # NCHW, as DET/main.py trains it
     model = SSD300(cfg.det_backbone, num_classes=classes).to(device)
     coder, criterion = BoxCoder(dboxes300_coco()), MultiBoxLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
