@@ -314,7 +314,9 @@ class ChannelExplorer:
                 w = self._mods[g.norm].weight.detach()
                 out.append(w * mask.to(w.device))
                 continue
-            gam = torch.stack([self._mods[n].weight.detach().abs().float() for n in g.norms])
+            # at least float32 (a half-precision mean could tie channels), never less than the weights' own
+            gam = torch.stack([self._mods[n].weight.detach().abs() for n in g.norms])
+            gam = gam.to(torch.promote_types(gam.dtype, torch.float32))
             out.append(gam.mean(dim=0) * mask.to(gam.device))
         return out
 
