@@ -210,6 +210,7 @@ def test_residual_flag_reaches_a_budget_internal_groups_cannot_and_exports_it(tm
     every internal layer at one channel keeps 8.3 % of the MACs) is met, and compact.pth, rebuilt from its cfg,
     computes what the masked model computes."""
     from chex_core import count_macs
+    from chex_tasks.export import read_compact
     from CLS import model as cls_model
 
     ws = tmp_path / "ws"
@@ -220,12 +221,13 @@ def test_residual_flag_reaches_a_budget_internal_groups_cannot_and_exports_it(tm
     torch.set_num_threads(1)
     assert _main(argv) == 0
     masked = cls_model.build_model("resnet18", 4)
-    masked.load_state_dict(torch.load(ws / "checkpoint_000002.pth", weights_only=True)["state_dict"])
-    compact = torch.load(ws / "compact.pth", weights_only=True)
-    assert {"layer1.residual", "layer4.residual"} <= set(compact["cfg"])
-    small = cls_model.load_weights(cls_model.build_model("resnet18", 4), compact["state_dict"], source="compact.pth",
-                                   arch="resnet18", cfg=compact["cfg"])
-    assert small.fc.in_features == compact["cfg"]["layer4.residual"] < 512
+    last = max(ws.glob("checkpoint_*.pth"))                 # named by optimizer step: the end of training
+    masked.load_state_dict(torch.load(last, weights_only=True)["state_dict"])
+    compact = read_compact(torch.load(ws / "compact.pth", weights_only=True))
+    assert {"layer1.residual", "layer4.residual"} <= set(compact.width_spec)
+    small = cls_model.load_weights(cls_model.build_model("resnet18", 4), compact.state_dict, source="compact.pth",
+                                   arch="resnet18", cfg=compact.width_spec)
+    assert small.fc.in_features == compact.width_spec["layer4.residual"] < 512
     dense_macs = cls_model.dense_macs_of("resnet18", 4, False, 224)
     assert count_macs(small, (3, 224, 224), zero_aware=False) <= 0.05 * dense_macs
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)

@@ -375,7 +375,7 @@ def test_residual_flag_narrows_the_heads_and_the_export_equals_the_masked_model(
     argv = ["--backbone", "resnet18", "--bs", "2", "--data", str(tiny_coco), "--multistep", "10", "--warmup", "2",
             "--grow_prune", "--channel_sparsity", "0.5", "--init_channel_ratio", "0.2", "--delta_T", "1",
             "--T_max", "2", "--save", str(tmp_path), "--max-iters-per-epoch", "1", "--num-workers", "0",
-            "--eval-on-epochs", "99", "--chex-residual", "--epoch", "2", "--seed", "3"]
+            "--eval-on-epochs", "99", "--chex-residual", "--epoch", "2", "--seed", "3", "--random-backbone"]
     torch.set_num_threads(1)
     assert det_main.main(argv) == 0
     masked = SSD300("resnet18", num_classes=4)

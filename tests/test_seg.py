@@ -17,6 +17,7 @@ pytest.importorskip("pycocotools")
 from chex_core import ChannelExplorer, ExplorationSchedule  # noqa: E402
 from chex_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from chex_tasks.coco import make_tiny_coco  # noqa: E402
+from chex_tasks.export import read_compact  # noqa: E402
 from chex_tasks.harness import make_train_loader  # noqa: E402
 from SEG import train as seg_train  # noqa: E402
 from SEG.data import (CocoInstances, DataError, GroupedInfiniteBatchSampler, aspect_ratio_groups,  # noqa: E402
@@ -295,7 +296,7 @@ def test_residual_flag_narrows_the_fpn_laterals_and_the_export_equals_the_masked
                                       "--checkpoint-period", "100")) == 0     # one rolling checkpoint, not two
     masked, compact = (build_maskrcnn(4, norm="bn", head_norm="none", min_size=64, max_size=64) for _ in range(2))
     load_model_weights(masked, load_checkpoint(str(out / "model_final.pth")))
-    spec = load_checkpoint(str(out / "model_compact.pth"))["body_spec"]
+    spec = read_compact(load_checkpoint(str(out / "model_compact.pth"))).width_spec
     load_model_weights(compact, load_checkpoint(str(out / "model_compact.pth")))
     assert {f"layer{i}.residual" for i in range(1, 5)} <= set(spec)
     for i in range(4):
