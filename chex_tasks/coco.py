@@ -25,7 +25,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["TINY_CATEGORIES", "METRIC_NAMES", "make_tiny_coco", "load_coco", "coco_evaluate", "format_metrics"]
+__all__ = ["TINY_CATEGORIES", "METRIC_NAMES", "make_tiny_coco", "subset_annotations", "load_coco", "coco_evaluate", "format_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,16 @@ def make_tiny_coco(root, year: str = "2017", n_train: int = 16, n_val: int = 8, 
     next_id = _write_split(root, year, "train", n_train, image_size, rng, 1, empty_image=True, crowd=True)
     _write_split(root, year, "val", n_val, image_size, rng, next_id, empty_image=False, crowd=True)
     return root
+
+
+def subset_annotations(src, dst, image_ids) -> None:
+    """Write to ``dst`` the COCO annotation file ``src`` restricted to ``image_ids`` (images and their annotations),
+    e.g. a minival-style split of a generated set."""
+    data = json.loads(pathlib.Path(src).read_text())
+    ids = set(image_ids)
+    data["images"] = [i for i in data["images"] if i["id"] in ids]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    pathlib.Path(dst).write_text(json.dumps(data))
 
 
 def load_coco(annotation_file) -> COCO:

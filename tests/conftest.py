@@ -137,3 +137,12 @@ def tiny_bottleneck(seed: int = 0) -> TinyResNet:
 @pytest.fixture(params=["basic", "bottleneck"])
 def tiny_model(request):
     return tiny_basic() if request.param == "basic" else tiny_bottleneck()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test (results and run time then do not depend on the machine's core count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,16 +24,10 @@ from chex_core.layout import group_layout
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_basic, tiny_bottleneck  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAKERS = {"basic": tiny_basic, "bottleneck": tiny_bottleneck}
 PX = (3, 16, 16)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def explorer(model, sparsity=0.5, delta0=0.3, t_max=3, seed=3, **kw):

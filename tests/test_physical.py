@@ -20,17 +20,11 @@ from chex_core.physical import (PhysicalTraining, channel_layout, configure_comp
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_basic, tiny_bottleneck  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAKERS = {"basic": tiny_basic, "bottleneck": tiny_bottleneck}
 # events after steps 3, 6 and 9 (ΔT = 1 unit of 3 steps, T_max = 3 units)
 SCHEDULE = dict(interval=1, t_max=3, sparsity=0.5, delta0=0.3, steps_per_unit=3)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sgd(model: nn.Module, lr: float = 0.01, adam: bool = False) -> torch.optim.Optimizer:

@@ -27,7 +27,8 @@ from SEG.model import (UPSTREAM_PIXEL_MEAN, CheckpointMismatchError, build_maskr
                        compact_maskrcnn, load_model_weights, to_upstream_names)
 
 # pycocotools' RLE decoding trips a numpy-2 DeprecationWarning on every mask; it is not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 # CPU-sized sampling and tiny images, shared by every run below.
@@ -40,14 +41,6 @@ SMALL = ["--rpn-pre-nms-top-n-train", "200", "--rpn-post-nms-top-n-train", "100"
 def coco(tmp_path_factory) -> Path:
     return make_tiny_coco(tmp_path_factory.mktemp("seg") / "coco", year="2014", n_train=6, n_val=3, image_size=64,
                           seed=3)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _val(coco: Path) -> CocoInstances:

@@ -29,13 +29,7 @@ from SEG.conventions import (ANCHOR_SIZES, ANCHOR_STRIDES, BBOX_XFORM_CLIP, Lega
 from SEG.model import (UPSTREAM_PIXEL_MEAN, SamplingConfig, build_maskrcnn, load_model_weights,  # noqa: E402
                        to_upstream_names)
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------ maskrcnn-benchmark, written out

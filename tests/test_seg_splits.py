@@ -11,19 +11,12 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
 
-from chex_tasks.coco import make_tiny_coco  # noqa: E402
+from chex_tasks.coco import make_tiny_coco, subset_annotations  # noqa: E402
 from SEG.data import (MINIVAL_ANN, VALMINUSMINIVAL_ANN, CocoInstances, ConcatInstances, DataError,  # noqa: E402
                       build_instances, hflip, resolve_splits, split_paths)
 from SEG.evaluate import evaluate_results, outputs_to_coco, target_as_output  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-def _subset(src: Path, dst: Path, image_ids: set[int]) -> None:
-    data = json.loads(src.read_text())
-    data["images"] = [i for i in data["images"] if i["id"] in image_ids]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in image_ids]
-    dst.write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +25,8 @@ def coco(tmp_path_factory) -> Path:
     root = make_tiny_coco(tmp_path_factory.mktemp("splits") / "coco", year="2014", n_train=4, n_val=5,
                           image_size=48, seed=5)
     ann = root / "annotations"
-    _subset(ann / "instances_val2014.json", ann / MINIVAL_ANN, {1, 2})
-    _subset(ann / "instances_val2014.json", ann / VALMINUSMINIVAL_ANN, {3, 4, 5})
+    subset_annotations(ann / "instances_val2014.json", ann / MINIVAL_ANN, {1, 2})
+    subset_annotations(ann / "instances_val2014.json", ann / VALMINUSMINIVAL_ANN, {3, 4, 5})
     return root
 
 

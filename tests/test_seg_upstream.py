@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
 
-from chex_tasks.coco import make_tiny_coco  # noqa: E402
+from chex_tasks.coco import make_tiny_coco, subset_annotations  # noqa: E402
 from chex_tasks.harness import UserError  # noqa: E402
 from SEG import train as seg_train  # noqa: E402
 from SEG.conventions import legacy_cell_anchors  # noqa: E402
@@ -29,19 +29,13 @@ from SEG.evaluate import model_from_args, run_evaluation, splits_from_args  # no
 from SEG.model import to_upstream_names  # noqa: E402
 from SEG.task import SegTask  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--rpn-pre-nms-top-n-train", "100", "--rpn-post-nms-top-n-train", "50", "--rpn-batch-size-per-image", "32",
          "--box-batch-size-per-image", "32", "--box-detections-per-img", "10", "--rpn-pre-nms-top-n-test", "100",
          "--rpn-post-nms-top-n-test", "50", "--min-size", "64", "--max-size", "64", "--workers", "0",
          "--norm", "bn", "--head-norm", "none"]
-
-
-def _subset(src: Path, dst: Path, image_ids: set[int]) -> None:
-    data = json.loads(src.read_text())
-    data["images"] = [i for i in data["images"] if i["id"] in image_ids]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in image_ids]
-    dst.write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +46,9 @@ def roots(tmp_path_factory) -> dict[str, Path]:
     bare = make_tiny_coco(base / "bare", year="2014", n_train=4, n_val=5, image_size=48, seed=5)
     full = base / "minival"
     shutil.copytree(bare, full)
-    _subset(full / "annotations" / "instances_val2014.json", full / "annotations" / MINIVAL_ANN, {1, 2})
-    _subset(full / "annotations" / "instances_val2014.json", full / "annotations" / VALMINUSMINIVAL_ANN, {3, 4, 5})
+    subset_annotations(full / "annotations" / "instances_val2014.json", full / "annotations" / MINIVAL_ANN, {1, 2})
+    subset_annotations(full / "annotations" / "instances_val2014.json", full / "annotations" / VALMINUSMINIVAL_ANN, {3, 4, 5})
     return {"bare": bare, "minival": full}
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _args(root: Path, out: Path, *extra: str):

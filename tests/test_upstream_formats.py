@@ -23,17 +23,11 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 pytest.importorskip("torchvision")
 
 N_IMAGENET = 1000  # the fork's networks always end in 1000 classes
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 class _DDPNaming(torch.nn.Module):
