@@ -165,6 +165,7 @@ def test_zeroed_stream_channels_are_found_in_a_masked_checkpoint():
 
 
 # ------------------------------------------------------------------------------------------------------ compact
+@pytest.mark.numerics
 @pytest.mark.parametrize("arch", ["basic", "bottleneck"])
 def test_compact_equals_masked_in_float64_and_rebuilds_from_its_spec(arch):
     model = MAKERS[arch]()
