@@ -144,7 +144,9 @@ def test_verdict_rule():
     assert report.verdict(a, {"top1_mean": 77.0, "top1_std": 1.0, "n": 5}, 0.05)[0] == "beats"
     assert report.verdict(a, {"top1_mean": 79.0, "top1_std": 1.0, "n": 5}, 0.05)[0] == "ties with"   # < 2 s.e.
     assert report.verdict(a, {"top1_mean": 82.0, "top1_std": 0.0, "n": 5}, 0.05)[0] == "loses to"
-    assert report.verdict(a, {"top1_mean": 79.8, "top1_std": 0.0, "n": 5}, 0.5)[0] == "ties with"    # < one image
+    exact = {"top1_mean": 80.0, "top1_std": 0.0, "n": 5}
+    assert report.verdict(exact, {"top1_mean": 79.8, "top1_std": 0.0, "n": 5}, 0.5)[0] == "ties with"  # < 1 image
+    assert report.verdict(exact, {"top1_mean": 79.4, "top1_std": 0.0, "n": 5}, 0.5)[0] == "beats"
 
 
 def test_accuracy_study_plot(tmp_path):
