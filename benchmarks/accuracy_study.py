@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--grid", type=int, default=4, help="photo-patches: cells per side; one per row is validation (default 4)")
     a("--min-std", type=float, default=0.02, help="photo-patches: reject flatter patches (default 0.02)")
     a("--val-per-class", type=int, default=128, help="photo-patches: validation patches per photo (default 128)")
-    a("--train-per-epoch", type=int, default=4096, help="photo-patches: random crops per epoch (default 4096)")
+    a("--train-per-epoch", type=int, default=2048, help="photo-patches: random crops per epoch (default 2048)")
     a("--delta-t", type=int, default=1, help="CHEX ΔT in epochs (default 1)")
     a("--t-max-frac", type=float, default=0.7, help="CHEX T_max as a fraction of the epochs (paper 180/250; 0.7)")
     a("--delta0", type=float, default=0.3, help="CHEX δ0 cap; δ0 = min(this, S/2) (default 0.3)")
