@@ -56,21 +56,22 @@ def default_methods() -> list[str]:
 
 # ------------------------------------------------------------------------------------------------------------ jobs
 def build_jobs(args: argparse.Namespace, cfg: dict, threads: int) -> list[dict]:
-    """Every (method, budget, epochs, seed) of the sweep: all budgets at the first length, ``--long-budgets`` at the
-    others, ablations at the first length and ``--ablation-budgets`` only; dense once per length."""
-    jobs = []
-    for i, epochs in enumerate(args.epochs):
-        budgets = args.budgets if i == 0 else args.long_budgets
+    """Every (method, budget, epochs, seed) of the sweep, most wanted first: all budgets at the first length, then
+    each of ``--long-budgets`` in the order given at the other lengths; ablations at the first length and
+    ``--ablation-budgets`` only; dense once per length."""
+    def block(epochs: int, budgets: list[float], ablations: list[float], with_dense: bool) -> list[dict]:
+        out = []
         for seed in range(args.seeds):
             for m in args.methods:
-                if m == "dense":
-                    bs = [1.0]
-                elif m in ABLATIONS:
-                    bs = args.ablation_budgets if i == 0 else []
-                else:
-                    bs = budgets
-                jobs += [{"cfg": cfg, "method": m, "budget": b, "epochs": epochs, "seed": seed, "threads": threads}
-                         for b in bs]
+                bs = ([1.0] if with_dense else []) if m == "dense" else ablations if m in ABLATIONS else budgets
+                out += [{"cfg": cfg, "method": m, "budget": b, "epochs": epochs, "seed": seed, "threads": threads}
+                        for b in bs]
+        return out
+
+    jobs = block(args.epochs[0], args.budgets, args.ablation_budgets, True)
+    for i, b in enumerate(args.long_budgets):
+        for epochs in args.epochs[1:]:
+            jobs += block(epochs, [b], [], i == 0)
     return jobs
 
 
@@ -148,8 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="training lengths; the first runs at every budget (default 15 45 90)")
     a("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.12],
       help="MACs budgets as fractions of the dense network, in (0, 1) (default 0.5 0.25 0.12)")
-    a("--long-budgets", type=float, nargs="*", default=[0.25],
-      help="budgets also run at the longer --epochs (default 0.25)")
+    a("--long-budgets", type=float, nargs="*", default=[0.25, 0.12, 0.5],
+      help="budgets also run at the longer --epochs, in this order (default 0.25 0.12 0.5)")
     a("--ablation-budgets", type=float, nargs="*", default=[],
       help="budgets at which the CHEX ablations run, first length only (default none)")
     a("--methods", nargs="+", default=None, help=f"methods to run (default {' '.join(default_methods())}; "
