@@ -152,7 +152,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     budgets = sorted({r["budget"] for r in rows if r["method"] != "dense"}, reverse=True)
     long_b = [b for b in budgets if len({r["epochs"] for r in rows if r["budget"] == b}) > 1]
     ncol = max(len(epochs), len(long_b))
-    fig, axes = plt.subplots(2 if long_b else 1, ncol, figsize=(4.6 * ncol, 4.0 * (2 if long_b else 1)),
+    fig, axes = plt.subplots(2 if long_b else 1, ncol, figsize=(max(7.0, 4.6 * ncol), 4.0 * (2 if long_b else 1)),
                              squeeze=False)
     methods = [m for m in ORDER if m != "dense" and any(r["method"] == m for r in rows)]
     for j, e in enumerate(epochs):
