@@ -177,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--jobs", type=int, default=1, help="parallel worker processes (default 1)")
     a("--threads", type=int, default=0, help="torch threads per worker (default OMP_NUM_THREADS or cores // jobs)")
     a("--no-plot", action="store_true", help="skip the PNG plot")
+    a("--report-only", action="store_true",
+      help="train nothing: write the reports from the runs already in --runs-dir (a sweep still in progress)")
     a("--from-json", type=Path, default=None,
       help="do not train: rebuild the CSV/markdown/PNG next to this saved sweep JSON from its runs")
     a("--quick", action="store_true",
@@ -270,6 +272,12 @@ def main(argv: list[str] | None = None) -> dict:
              runs_dir, args.jobs, threads, dense_macs / 1e6)
     load_before = machine_info().get("loadavg_1m")
     t0 = time.perf_counter()
+    if args.report_only:
+        if not done:
+            print(f"accuracy_study.py: error: --report-only: no finished run of this sweep in {runs_dir}",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        todo = []
     runs = done + execute(todo, runs_dir, args.jobs, args.flops_tol)
     task_text, model_text = describe(cfg, task)
     meta = {"machine": machine_info(), "loadavg_1m_before": load_before, "wall_s_last_invocation":

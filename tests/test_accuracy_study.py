@@ -124,6 +124,13 @@ def test_accuracy_study_quick_reports_every_run_and_resumes(tmp_path, one_thread
     # restarting the sweep re-trains nothing and reports the same runs
     resumed = accuracy_study.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-plot"])
     assert resumed["meta"]["resumed_runs"] == len(runs) and resumed["runs"] == runs
+    # a sweep still in progress (here: a third seed not trained yet) can be reported without training anything
+    partial = accuracy_study.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-plot", "--seeds", "3",
+                                   "--report-only"])
+    assert partial["runs"] == runs and partial["summary"] == rows
+    with pytest.raises(SystemExit) as e:
+        accuracy_study.main(["--quick", "--out", str(tmp_path / "empty"), "--no-plot", "--report-only"])
+    assert e.value.code == 2
     # ... but refuses run files written under another configuration
     with pytest.raises(SystemExit) as e:
         accuracy_study.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-plot", "--lr", "0.05"])
