@@ -45,17 +45,20 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}" if x < 0.995 else f"{100 * x:.0f}"
 
 
-def _cell(r: dict | None) -> str:
+def _cell(r: dict | None, n: int) -> str:
+    """``mean ± std (achieved MACs)``, plus the number of seeds when it is not the table's ``n``."""
     if r is None:
         return "—"
     lo, hi = _pct(r["macs_frac_min"]), _pct(r["macs_frac_max"])
-    return f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} ({lo}{'' if lo == hi else '–' + hi} %)"
+    seeds = "" if r["n"] == n else f", {r['n']} seed{'s' if r['n'] > 1 else ''}"
+    return f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} ({lo}{'' if lo == hi else '–' + hi} %{seeds})"
 
 
 def _table(cell: dict, methods, cols, key, head) -> list[str]:
+    n = max(r["n"] for r in cell.values())
     lines = [f"| method | {' | '.join(head(c) for c in cols)} |", "|" + "---|" * (len(cols) + 1)]
     for m in methods:
-        cs = [_cell(cell.get(key(m, c))) for c in cols]
+        cs = [_cell(cell.get(key(m, c)), n) for c in cols]
         if any(c != "—" for c in cs):
             lines.append(f"| {m} | " + " | ".join(cs) + " |")
     return lines
@@ -89,8 +92,9 @@ def markdown(rows: list[dict], cfg: dict, meta: dict) -> str:
     base = epochs[0]
     n = max(r["n"] for r in rows)
     out = [f"Val top-1 (%) on {meta['task_text']}, {meta['model_text']} ({meta['dense_macs'] / 1e6:.2f} M MACs "
-           f"dense), mean ± std over {n} seeds; in brackets the MACs the runs achieved (% of dense, min–max over "
-           "seeds; `chex_core.count_macs`). Every method trains the same epochs with the same optimiser.", ""]
+           f"dense), mean ± std over {n} seeds (fewer where a cell says so); in brackets the MACs the runs achieved "
+           "(% of dense, min–max over seeds; `chex_core.count_macs`). Every method trains the same epochs with the "
+           "same optimiser.", ""]
     main_methods = [m for m in ORDER if m not in ABLATIONS]
 
     def key_b(m, b):
