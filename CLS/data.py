@@ -1,66 +1,70 @@
 """Data backends for CLS: ImageNet folders (``pytorch``), random tensors (``synthetic``) and sklearn digits.
 
-Every backend returns a :class:`Loaders` with train/val ``DataLoader``s, the number of classes and the image size.
+The backends form a registry (:data:`BACKENDS`): a backend is one function ``DataRequest -> Loaders`` registered
+with :func:`register_backend`, so another input pipeline (e.g. NVIDIA DALI) is one more entry. The built-in ones
+build datasets and hand them to the run harness's loaders (``chex_tasks.harness.data``): an exactly resumable
+training loader and an exact, unpadded evaluation shard per rank.
 Shapes: a batch is ``(images: float32 (B, 3, S, S), labels: int64 (B,))``.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from chex_tasks.harness.data import DataError, TrainLoader, make_eval_loader, make_train_loader
+
+__all__ = ["DataError", "DataRequest", "Loaders", "BACKENDS", "BACKEND_ALIASES", "register_backend", "build_loaders",
+           "check_image_folder"]
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKENDS = ("pytorch", "synthetic", "digits")
-# NVIDIA's recipe names; DALI is not a dependency here, and 'syntetic' is upstream's spelling of synthetic.
-BACKEND_ALIASES = {"dali-gpu": "pytorch", "dali-cpu": "pytorch", "syntetic": "synthetic"}
+# 'syntetic' is upstream's spelling of synthetic.
+BACKEND_ALIASES = {"syntetic": "synthetic"}
 
 
-class DataError(ValueError):
-    """A user-facing problem with the dataset (missing folder, wrong layout, too many unreadable images)."""
+@dataclass(frozen=True)
+class DataRequest:
+    """What a backend is asked for (``batch_size`` is per process, as upstream's ``-b``)."""
+
+    root: str | None
+    batch_size: int
+    workers: int
+    image_size: int | None
+    need_train: bool
+    rank: int = 0
+    world_size: int = 1
+    num_classes: int | None = None
+    synthetic_samples: int = 1024
+    max_bad_images: int = 100
+    pin_memory: bool = False
+    seed: int = 0
 
 
 @dataclass
 class Loaders:
-    train: DataLoader | None
+    train: TrainLoader | None
     val: DataLoader
     num_classes: int
     image_size: int
-    train_sampler: Sampler | None = None
-    generator: torch.Generator | None = None  # the single-process shuffle generator (None with a train_sampler)
-    seed: int = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the training order a function of ``(seed, epoch)`` only, so a resumed run replays it:
-        ``DistributedSampler.set_epoch``, or re-seed the single-process shuffle generator with ``seed + epoch``
-        (a generator that just advanced from epoch to epoch would restart at epoch 0's order after a resume)."""
-        if isinstance(self.train_sampler, DistributedSampler):
-            self.train_sampler.set_epoch(epoch)
-        elif self.generator is not None:
-            self.generator.manual_seed(self.seed + epoch)
 
 
-class ShardSampler(Sampler[int]):
-    """Evaluation sampler: rank ``r`` of ``w`` reads indices ``r, r+w, …`` with no padding.
+BACKENDS: dict[str, Callable[[DataRequest], Loaders]] = {}
 
-    ``DistributedSampler`` pads the last shard with repeated samples, which would bias top-1 by a few images;
-    summing correct counts over these exact shards gives the true accuracy.
-    """
 
-    def __init__(self, length: int, rank: int, world_size: int):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+def register_backend(name: str):
+    """Decorator: ``@register_backend("name")`` on a ``DataRequest -> Loaders`` function adds ``--data-backend name``."""
+    def add(fn):
+        BACKENDS[name] = fn
+        return fn
+    return add
 
 
 # --------------------------------------------------------------------------------------------------- ImageNet
@@ -195,52 +199,60 @@ class DigitsDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------------- loaders
-def build_loaders(backend: str, root: str | None, *, batch_size: int, workers: int, image_size: int | None,
-                  need_train: bool, rank: int, world_size: int, num_classes: int | None = None,
-                  synthetic_samples: int = 1024, max_bad_images: int = 100, pin_memory: bool = False,
-                  seed: int = 0) -> Loaders:
-    """Build train/val loaders for ``backend`` (``batch_size`` is per process, as upstream's ``-b``).
-
-    ``image_size`` defaults to 224 (ImageNet, synthetic) or 32 (digits). Raises :class:`DataError` for user errors.
-    """
-    backend = BACKEND_ALIASES.get(backend, backend)
-    if backend == "pytorch":
-        image_size = image_size or 224
-        train, val, n_cls = _imagenet_datasets(root, image_size, need_train, max_bad_images)
-        if num_classes is not None and num_classes != n_cls:
-            raise DataError(f"--num-classes {num_classes} but {root}/val has {n_cls} class folders")
-    elif backend == "synthetic":
-        image_size = image_size or 224
-        n_cls = num_classes or 1000
-        train = SyntheticDataset(synthetic_samples, n_cls, image_size, seed=1) if need_train else None
-        val = SyntheticDataset(max(synthetic_samples // 4, 1), n_cls, image_size, seed=2)
-    elif backend == "digits":
-        image_size = image_size or 32
-        n_cls = 10
-        if num_classes not in (None, 10):
-            raise DataError(f"--num-classes {num_classes} does not match the digits dataset (10 classes)")
-        train = DigitsDataset("train", image_size) if need_train else None
-        val = DigitsDataset("val", image_size)
-    else:
-        raise DataError(f"unknown data backend {backend!r} (choose from {', '.join(BACKENDS)})")
-
+def _loaders(req: DataRequest, train: Dataset | None, val: Dataset, num_classes: int, image_size: int) -> Loaders:
     if len(val) == 0 or (train is not None and len(train) == 0):
-        raise DataError(f"the {backend} dataset at {root} is empty")
+        raise DataError(f"the dataset at {req.root} is empty")
+    # drop_last keeps every micro-batch full, so gradient accumulation always averages the same number of images
+    train_loader = None if train is None else make_train_loader(
+        train, batch_size=req.batch_size, workers=req.workers, seed=req.seed, rank=req.rank,
+        world_size=req.world_size, drop_last=len(train) // req.world_size >= req.batch_size,
+        pin_memory=req.pin_memory)
+    val_loader = make_eval_loader(val, batch_size=req.batch_size, workers=req.workers, rank=req.rank,
+                                  world_size=req.world_size, pin_memory=req.pin_memory)
+    return Loaders(train_loader, val_loader, num_classes, image_size)
 
-    train_loader, train_sampler = None, None
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
-    if train is not None:
-        if world_size > 1:
-            train_sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                               drop_last=True)
-        g = torch.Generator().manual_seed(seed)
-        # drop_last keeps every micro-batch full, so gradient accumulation always averages the same number of images
-        drop_last = len(train) // world_size >= batch_size
-        train_loader = DataLoader(train, batch_size=batch_size, sampler=train_sampler,
-                                  shuffle=train_sampler is None, drop_last=drop_last, generator=g, **common)
-        if len(train_loader) == 0:
-            raise DataError(f"the training set ({len(train)} images) is too small for {world_size} process(es)")
-    val_loader = DataLoader(val, batch_size=batch_size, sampler=ShardSampler(len(val), rank, world_size), **common)
-    return Loaders(train_loader, val_loader, n_cls, image_size, train_sampler,
-                   generator=g if train is not None else None, seed=seed)
 
+@register_backend("pytorch")
+def imagenet_backend(req: DataRequest) -> Loaders:
+    image_size = req.image_size or 224
+    train, val, n_cls = _imagenet_datasets(req.root, image_size, req.need_train, req.max_bad_images)
+    if req.num_classes is not None and req.num_classes != n_cls:
+        raise DataError(f"--num-classes {req.num_classes} but {req.root}/val has {n_cls} class folders")
+    return _loaders(req, train, val, n_cls, image_size)
+
+
+@register_backend("synthetic")
+def synthetic_backend(req: DataRequest) -> Loaders:
+    image_size, n_cls = req.image_size or 224, req.num_classes or 1000
+    train = SyntheticDataset(req.synthetic_samples, n_cls, image_size, seed=1) if req.need_train else None
+    val = SyntheticDataset(max(req.synthetic_samples // 4, 1), n_cls, image_size, seed=2)
+    return _loaders(req, train, val, n_cls, image_size)
+
+
+@register_backend("digits")
+def digits_backend(req: DataRequest) -> Loaders:
+    image_size = req.image_size or 32
+    if req.num_classes not in (None, 10):
+        raise DataError(f"--num-classes {req.num_classes} does not match the digits dataset (10 classes)")
+    train = DigitsDataset("train", image_size) if req.need_train else None
+    return _loaders(req, train, DigitsDataset("val", image_size), 10, image_size)
+
+
+def _dali_backend(name: str) -> Callable[[DataRequest], Loaders]:
+    def build(req: DataRequest) -> Loaders:
+        from CLS import dali  # NVIDIA DALI is an optional extra: imported only when one of its backends is asked for
+        return dali.build_loaders(name, req)
+    return build
+
+
+for _name in ("dali-cpu", "dali-gpu"):        # NVIDIA's recipe: decode and augment with DALI (CLS/dali.py)
+    register_backend(_name)(_dali_backend(_name))
+
+
+def build_loaders(backend: str, root: str | None = None, **request) -> Loaders:
+    """Train/val loaders of ``backend`` (see :class:`DataRequest` for the keyword arguments). Raises
+    :class:`DataError` for user errors."""
+    name = BACKEND_ALIASES.get(backend, backend) if backend not in BACKENDS else backend
+    if name not in BACKENDS:
+        raise DataError(f"unknown data backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    return BACKENDS[name](DataRequest(root=root, **request))

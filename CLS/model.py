@@ -16,6 +16,7 @@ from torch import nn
 
 from chex_core import apply_width_spec, resnet_groups
 from chex_core.checkpoint import CheckpointError, load_checkpoint, state_dict_problems, strip_prefix
+from chex_tasks.export import read_compact
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ def read_weight_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     Accepted layouts (all via ``torch.load(weights_only=True)``):
       * upstream/NVIDIA checkpoints: ``{'epoch', 'arch', 'state_dict', 'best_prec1', 'optimizer', ...}`` with or
         without the ``module.`` prefix (full-size tensors, pruned channels zeroed);
-      * this project's checkpoints (the same plus ``explorer``, ``args`` …) and ``compact.pth``
-        (``{'state_dict', 'cfg', 'arch', 'num_classes', 'cifar_stem'}``);
+      * this project's checkpoints (the same plus ``explorer``, ``args`` …) and compact checkpoints
+        (``compact.pth``, any layout :func:`chex_tasks.export.read_compact` reads);
       * a plain state dict (e.g. torchvision's ``resnet50-*.pth``), or one under a ``model`` key.
 
     ``meta`` holds ``arch`` (str or None), ``cfg`` (width spec or None), ``cifar_stem`` (bool or None) and
@@ -78,7 +79,10 @@ def read_weight_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise WeightsError(str(exc).splitlines()[0]) from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}")
-    if "state_dict" in obj:
+    compact = read_compact(obj)
+    if compact is not None:
+        sd = compact.state_dict
+    elif "state_dict" in obj:
         sd = obj["state_dict"]
     elif "model" in obj and isinstance(obj["model"], Mapping):
         sd = obj["model"]
@@ -91,7 +95,7 @@ def read_weight_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         arch = arch[0] if arch else None
     args = obj.get("args") if isinstance(obj.get("args"), Mapping) else {}
     meta = {"arch": arch if isinstance(arch, str) else None,
-            "cfg": obj.get("cfg"),
+            "cfg": compact.width_spec if compact is not None else None,
             "cifar_stem": obj.get("cifar_stem", args.get("cifar_stem")),
             "image_size": obj.get("image_size", args.get("image_size"))}
     return dict(strip_prefix(dict(sd))), meta
@@ -112,14 +116,17 @@ def _load_allowing_numpy_scalars(path: str):
 
 
 def width_spec_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
-    """The compact width spec implied by ``state_dict``'s producer shapes, or None when it is full width."""
+    """The compact width spec implied by ``state_dict``'s producer shapes, or None when it is full width. Residual
+    streams (``--chex-residual``) appear in it only when narrowed."""
     spec, narrowed = {}, False
-    for g in resnet_groups(model):
+    for g in resnet_groups(model, residual=True):
         w = state_dict.get(f"{g.producer}.weight")
         if w is None:
             return None  # let the key check report what is missing
-        spec[g.producer] = int(w.shape[0])
-        narrowed |= spec[g.producer] != g.size
+        width = int(w.shape[0])
+        if g.kind != "residual" or width != g.size:
+            spec[g.name] = width
+        narrowed |= width != g.size
     return spec if narrowed else None
 
 
@@ -133,7 +140,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, so
     """
     spec = dict(cfg) if isinstance(cfg, Mapping) else width_spec_from_state_dict(model, state_dict)
     if spec:
-        unknown = sorted(set(spec) - {g.producer for g in resnet_groups(model)})
+        unknown = sorted(set(spec) - {g.name for g in resnet_groups(model, residual=True)})
         if unknown:
             raise WeightsError(f"{source}: width spec names layers that --arch {arch} does not have "
                                f"({', '.join(unknown[:3])})")
@@ -147,15 +154,17 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, so
 
 def masks_from_zeros(model: nn.Module, groups) -> dict[str, torch.Tensor]:
     """Keep-masks of a masked dense model (e.g. an upstream released checkpoint): a channel is pruned when its
-    norm γ and β are both exactly zero, which makes its output identically zero whatever the conv computes.
+    norm γ and β are both exactly zero (in every norm of a residual group), which makes its output identically zero
+    whatever the convs compute.
 
     At least one channel is kept per group so the compact model stays a valid network.
     """
     named = dict(model.named_modules())
     masks = {}
     for g in groups:
-        norm = named[g.norm]
-        keep = (norm.weight.detach() != 0) | (norm.bias.detach() != 0)
+        keep = torch.zeros(g.size, dtype=torch.bool, device=named[g.norm].weight.device)
+        for n in g.norms:
+            keep |= (named[n].weight.detach() != 0) | (named[n].bias.detach() != 0)
         if not bool(keep.any()):
             keep[0] = True
         masks[g.name] = keep.cpu()

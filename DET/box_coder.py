@@ -2,7 +2,7 @@
 
 Follows NVIDIA DeepLearningExamples ``PyTorch/Detection/SSD`` (``ssd/utils.py``: ``dboxes300_coco``,
 ``Encoder``) so that released upstream checkpoints decode identically, but uses ``torchvision.ops``
-(``box_iou``, ``batched_nms``, ``box_convert``) instead of custom CUDA kernels.
+(``box_iou``, ``nms``, ``box_convert``) instead of custom CUDA kernels.
 
 Conventions:
 * boxes are **normalised** to [0, 1] image coordinates;
@@ -17,8 +17,9 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torchvision.ops import batched_nms, box_convert, box_iou
+from torchvision.ops import box_convert, box_iou, nms
 
 __all__ = ["DefaultBoxes", "dboxes300_coco", "BoxCoder", "Detections"]
 
@@ -148,39 +149,54 @@ class BoxCoder:
 
     @torch.no_grad()
     def postprocess(self, locs: torch.Tensor, confs: torch.Tensor, score_threshold: float = 0.05,
-                    nms_threshold: float = 0.5, max_per_class: int = 200, max_output: int = 200) -> list[Detections]:
-        """Decode a batch of head outputs into detections (NVIDIA ``decode_batch``).
+                    nms_threshold: float = 0.5, max_per_class: int = 200, max_output: int = 200,
+                    clip: bool = False) -> list[Detections]:
+        """Decode a batch of head outputs into detections (NVIDIA ``Encoder.decode_batch``).
 
         Args:
             locs: ``(B, 4, N)`` regression offsets as produced by ``SSD300``.
             confs: ``(B, C, N)`` class logits (class 0 = background).
             score_threshold: drop (box, class) pairs with softmax score ≤ this.
-            nms_threshold: IoU threshold of the per-class NMS.
+            nms_threshold: IoU threshold of the per-class NMS; a candidate whose IoU with a kept box is
+                ≥ this is suppressed (NVIDIA keeps only ``iou < criteria``).
             max_per_class: keep at most this many candidates per class before NMS.
             max_output: keep the top ``max_output`` detections per image after NMS (200 in SSD).
+            clip: clamp decoded boxes to the image. NVIDIA does not, so boxes reaching past the border are
+                scored as predicted; off by default.
         """
-        boxes = self.decode(locs.float().permute(0, 2, 1)).clamp_(0, 1)  # (B, N, 4)
+        boxes = self.decode(locs.float().permute(0, 2, 1))  # (B, N, 4)
+        if clip:
+            boxes = boxes.clamp(0, 1)
         scores = torch.softmax(confs.float(), dim=1)  # (B, C, N)
-        out = []
-        for b in range(boxes.shape[0]):
-            cand_boxes, cand_scores, cand_labels = [], [], []
-            for c in range(1, scores.shape[1]):
-                sc = scores[b, c]
-                keep = torch.nonzero(sc > score_threshold).squeeze(1)
-                if keep.numel() == 0:
-                    continue
-                sc = sc[keep]
-                if keep.numel() > max_per_class:
-                    sc, order = sc.topk(max_per_class)
-                    keep = keep[order]
-                cand_boxes.append(boxes[b, keep])
-                cand_scores.append(sc)
-                cand_labels.append(torch.full_like(keep, c))
-            if not cand_boxes:
-                empty = boxes.new_zeros((0, 4))
-                out.append(Detections(empty, torch.zeros(0, dtype=torch.long), boxes.new_zeros(0)))
+        return [self.select(boxes[b], scores[b], score_threshold, nms_threshold, max_per_class, max_output)
+                for b in range(boxes.shape[0])]
+
+    @staticmethod
+    def select(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float = 0.05, nms_threshold: float = 0.5,
+               max_per_class: int = 200, max_output: int = 200) -> Detections:
+        """Detections of one image from decoded ``boxes`` ``(N, 4)`` and class probabilities ``scores`` ``(C, N)``
+        (NVIDIA ``Encoder.decode_single``): per class c >= 1, the ``max_per_class`` best scores > threshold, greedy
+        NMS that drops IoU >= ``nms_threshold``, then the ``max_output`` best over all classes."""
+        # torchvision's NMS suppresses IoU > t; the largest float32 below t makes that IoU >= t
+        nms_below = float(np.nextafter(np.float32(nms_threshold), np.float32(-np.inf)))
+        cand_boxes, cand_scores, cand_labels = [], [], []
+        for c in range(1, scores.shape[0]):
+            sc = scores[c]
+            keep = torch.nonzero(sc > score_threshold).squeeze(1)
+            if keep.numel() == 0:
                 continue
-            cb, cs, cl = torch.cat(cand_boxes), torch.cat(cand_scores), torch.cat(cand_labels)
-            kept = batched_nms(cb, cs, cl, nms_threshold)[:max_output]  # sorted by decreasing score
-            out.append(Detections(cb[kept], cl[kept], cs[kept]))
-        return out
+            sc = sc[keep]
+            if keep.numel() > max_per_class:
+                sc, order = sc.topk(max_per_class)
+                keep = keep[order]
+            # one class at a time, on the class's own boxes: exact IoUs (batched_nms would offset the
+            # normalised boxes by the class index and lose float precision)
+            kept = nms(boxes[keep], sc, nms_below)
+            cand_boxes.append(boxes[keep[kept]])
+            cand_scores.append(sc[kept])
+            cand_labels.append(torch.full_like(kept, c))
+        if not cand_boxes:
+            return Detections(boxes.new_zeros((0, 4)), torch.zeros(0, dtype=torch.long), boxes.new_zeros(0))
+        cb, cs, cl = torch.cat(cand_boxes), torch.cat(cand_scores), torch.cat(cand_labels)
+        top = cs.argsort(descending=True, stable=True)[:max_output]
+        return Detections(cb[top], cl[top], cs[top])

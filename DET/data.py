@@ -7,6 +7,13 @@ layout for CPU tests.
 Training samples are ``(image (3,300,300) float, offsets (8732,4), labels (8732,) int64)``, already
 matched and encoded by ``BoxCoder`` in the loader workers (as NVIDIA's SSD does), so the training step
 only runs the network. Validation samples are ``(image, image_id, (height, width))``.
+
+Which images and boxes are used follows NVIDIA's SSD (the code the CHEX DET numbers come from):
+* evaluation: ``src/utils.py: COCODetection`` drops images without any annotation (crowd ones count), so COCOeval
+  never sees detections on the 48 empty val2017 images;
+* training: the DALI ``COCOReader`` (``src/coco_pipeline.py``: ``skip_empty=True``, default ``size_threshold`` 0.1,
+  crowd boxes included) trains on crowd boxes like any other object, skips boxes narrower or lower than 0.1 px
+  and images left without boxes. ``crowd_as_objects=False`` drops crowd boxes instead (torchvision's choice).
 """
 
 from __future__ import annotations
@@ -18,28 +25,24 @@ import random
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import box_iou
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from chex_tasks.coco import load_coco
+from chex_tasks.harness.data import DataError, TrainLoader, make_eval_loader, make_train_loader
 from DET.box_coder import BoxCoder
 
 __all__ = ["DataError", "CocoDetection", "SSDTrainTransform", "SSDEvalTransform", "build_loaders", "Loaders",
-           "ShardSampler", "dataset_paths"]
+           "dataset_paths"]
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SSD_SIZE = 300
-
-
-class DataError(RuntimeError):
-    """A user-facing data problem: missing annotation file, images listed but absent, corrupt image."""
 
 
 def dataset_paths(data_dir, split: str, year: str = "2017") -> tuple[pathlib.Path, pathlib.Path]:
@@ -55,14 +58,16 @@ class CocoDetection(Dataset):
         image_dir: folder holding the images named in the annotation file.
         ann_file: ``instances_*.json``.
         transform: callable ``(PIL image, boxes (G,4) normalised ltrb, labels (G,)) -> sample``.
-        train: drop images without (non-crowd) annotations and crowd boxes, as SSD training does.
+        train: keep only images with at least one training box (see the module docstring); otherwise keep
+            every image that has an annotation.
+        crowd_as_objects: crowd boxes are training targets (NVIDIA's DALI reader) or are dropped.
 
     Attributes:
         label_map: COCO category id → contiguous label in 1..K (0 is background), ordered by id.
         label_info: contiguous label → category name.
     """
 
-    def __init__(self, image_dir, ann_file, transform, train: bool):
+    def __init__(self, image_dir, ann_file, transform, train: bool, crowd_as_objects: bool = True):
         self.image_dir = pathlib.Path(image_dir)
         try:
             self.coco = load_coco(ann_file)
@@ -72,12 +77,15 @@ class CocoDetection(Dataset):
             raise DataError(f"image folder not found: {self.image_dir}")
         self.transform = transform
         self.train = train
+        self.crowd_as_objects = crowd_as_objects
         cat_ids = sorted(self.coco.getCatIds())
         self.label_map = {cat_id: i + 1 for i, cat_id in enumerate(cat_ids)}
         self.label_info = {i + 1: self.coco.cats[c]["name"] for i, c in enumerate(cat_ids)}
         ids = sorted(self.coco.getImgIds())
         if train:
-            ids = [i for i in ids if self.coco.getAnnIds(imgIds=i, iscrowd=False)]
+            ids = [i for i in ids if self._training_anns(i)]
+        else:
+            ids = [i for i in ids if self.coco.imgToAnns.get(i)]
         self.ids = ids
         missing = [self.coco.imgs[i]["file_name"] for i in self.ids
                    if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
@@ -98,13 +106,18 @@ class CocoDetection(Dataset):
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from exc
 
+    def _training_anns(self, image_id: int) -> list[dict]:
+        """Annotations that become training boxes: w and h >= 0.1 px (DALI's ``size_threshold``), crowd ones
+        only with ``crowd_as_objects``."""
+        return [a for a in self.coco.imgToAnns.get(image_id, [])
+                if a["bbox"][2] >= 0.1 and a["bbox"][3] >= 0.1 and (self.crowd_as_objects or not a.get("iscrowd"))]
+
     def targets(self, image_id: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Non-crowd boxes ``(G, 4)`` normalised ltrb and contiguous labels ``(G,)`` of one image."""
+        """Training boxes ``(G, 4)`` normalised ltrb (clamped to [0, 1], which leaves COCO's in-image boxes
+        unchanged) and contiguous labels ``(G,)`` of one image."""
         boxes, labels = [], []
-        for ann in self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=False)):
+        for ann in self._training_anns(image_id):
             x, y, w, h = ann["bbox"]
-            if w <= 0 or h <= 0:
-                continue
             boxes.append([x / width, y / height, (x + w) / width, (y + h) / height])
             labels.append(self.label_map[ann["category_id"]])
         return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4).clamp_(0, 1),
@@ -188,59 +201,30 @@ class SSDEvalTransform:
         return _normalise(img), image_id, torch.tensor([height, width])
 
 
-class ShardSampler(torch.utils.data.Sampler):
-    """Indices ``rank, rank + world, …`` of a dataset: disjoint shards with no padding, so gathered
-    evaluation results hold every image exactly once (``DistributedSampler`` repeats images to even out
-    the shards, which would add duplicate detections and change AP)."""
-
-    def __init__(self, dataset):
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.n = len(dataset)
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
-
-
 @dataclass
 class Loaders:
-    train: DataLoader | None
+    train: TrainLoader | None
     val: DataLoader
-    train_sampler: DistributedSampler | None  # None only without a training set
     train_set: CocoDetection | None
     val_set: CocoDetection
 
 
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker's torch RNG (base_seed + id); derive Python's `random` from it
-    random.seed(torch.initial_seed() % 2**32)
-
-
 def build_loaders(data_dir, coder: BoxCoder, batch_size: int, eval_batch_size: int, num_workers: int,
-                  distributed: bool, seed: int, with_train: bool = True) -> Loaders:
-    """Train loader (shuffled by a ``DistributedSampler`` with ``set_epoch``; ``drop_last``: BatchNorm on the 1×1
-    map needs ≥ 2 images) and val loader (each rank evaluates a disjoint shard; see ``DET.evaluate``)."""
+                  rank: int, world_size: int, seed: int, with_train: bool = True) -> Loaders:
+    """Train loader (the run harness's resumable loader, shuffled per epoch as a ``DistributedSampler`` even in one
+    process; ``drop_last``: BatchNorm on the 1×1 map needs ≥ 2 images) and val loader (each rank evaluates a
+    disjoint shard; see ``DET.evaluate``)."""
     val_dir, val_ann = dataset_paths(data_dir, "val")
     val_set = CocoDetection(val_dir, val_ann, SSDEvalTransform(), train=False)
-    val_sampler = ShardSampler(val_set) if distributed else None
-    generator = torch.Generator().manual_seed(seed)
-    val = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_sampler, shuffle=False,
-                     num_workers=num_workers, worker_init_fn=_seed_worker)
-    train = train_sampler = train_set = None
+    val = make_eval_loader(val_set, batch_size=eval_batch_size, workers=num_workers, rank=rank, world_size=world_size)
+    train = train_set = None
     if with_train:
         train_dir, train_ann = dataset_paths(data_dir, "train")
         train_set = CocoDetection(train_dir, train_ann, SSDTrainTransform(coder), train=True)
         if train_set.label_map != val_set.label_map:
             raise DataError(f"train and val annotation files have different categories ({train_ann}, {val_ann})")
-        # a DistributedSampler even in one process: the order of epoch k depends only on (seed, k), so a resumed
-        # run sees the same data order as an uninterrupted one
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                           drop_last=True)
-        train = DataLoader(train_set, batch_size=batch_size, sampler=train_sampler, num_workers=num_workers,
-                           drop_last=True, worker_init_fn=_seed_worker, generator=generator)
-        if len(train) == 0:
+        if len(train_set) < batch_size * world_size:
             raise DataError(f"{len(train_set)} training images are fewer than one batch ({batch_size} per process)")
-    return Loaders(train, val, train_sampler, train_set, val_set)
+        train = make_train_loader(train_set, batch_size=batch_size, workers=num_workers, seed=seed, rank=rank,
+                                  world_size=world_size, distributed_order=True)
+    return Loaders(train, val, train_set, val_set)

@@ -3,28 +3,41 @@
 * ``SSD300.backbone``: torchvision ResNet (``weights=None``) truncated after ``layer3``, with layer3's
   stride set to 1 so its output stays at 38×38 for a 300×300 input. It keeps torchvision's module names
   (``conv1``, ``bn1``, ``layer1``…``layer3``), so ``chex_core.resnet_groups(model.backbone)`` finds its
-  Bottlenecks and torchvision/CLS ResNet state dicts load into it directly. CHEX prunes only this part.
+  Bottlenecks and torchvision/CLS ResNet state dicts load into it directly. CHEX prunes only this part
+  (:func:`channel_groups`); with ``--chex-residual`` its residual stream too, and the layers reading layer3's
+  output (:data:`HEAD_CONSUMERS`) narrow with it.
 * ``SSD300.additional_blocks``: five extra blocks giving the 19, 10, 5, 3, 1 feature maps.
 * ``SSD300.loc`` / ``SSD300.conf``: 3×3 heads; outputs flattened to ``(B, 4, 8732)`` / ``(B, C, 8732)``.
 * ``MultiBoxLoss``: smooth-L1 localisation + cross-entropy with 3:1 hard negative mining.
 
 Upstream (NVIDIA / CHEX ``DET``) checkpoints keep the backbone under
 ``feature_extractor.feature_extractor.{0,1,4,5,6}``; :func:`map_upstream_state_dict` renames them.
+
+Backbone initialisation (:func:`resolve_backbone_init`): upstream builds ``resnet50(pretrained=not backbone_path)``,
+i.e. torchvision's ImageNet weights (``IMAGENET1K_V1``) unless a local file is given. The same weights come here
+through torchvision's weights API (a file already in the torch hub cache is used as is); random init only when
+asked for; when the weights cannot be had, one error line says how to pass a local file.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
+from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from chex_core.checkpoint import state_dict_problems
+from chex_core import ChannelGroup, resnet_groups
+from chex_core.checkpoint import CheckpointError, load_checkpoint, state_dict_problems
 
-__all__ = ["BACKBONES", "ResNetBackbone", "SSD300", "MultiBoxLoss", "map_upstream_state_dict",
-           "load_pretrained_backbone", "load_state_dict_checked", "StateDictMismatch"]
+__all__ = ["BACKBONES", "HEAD_CONSUMERS", "ResNetBackbone", "SSD300", "MultiBoxLoss", "channel_groups",
+           "map_upstream_state_dict", "load_pretrained_backbone", "load_state_dict_checked", "StateDictMismatch",
+           "BackboneInit", "BackboneWeightsError", "resolve_backbone_init", "imagenet_weights_cache_file"]
 
 #: backbone name → channels of layer3's output (the 38×38 feature map)
 BACKBONES = {"resnet18": 256, "resnet34": 256, "resnet50": 1024, "resnet101": 1024, "resnet152": 1024}
@@ -93,11 +106,25 @@ class SSD300(nn.Module):
         for block in self.additional_blocks:
             x = block(x)
             features.append(x)
-        # view(B, 4, -1): box index = (default shape, row, col), matching DefaultBoxes' ordering
-        locs = torch.cat([head(f).view(f.shape[0], 4, -1) for head, f in zip(self.loc, features)], dim=2)
-        confs = torch.cat([head(f).view(f.shape[0], self.num_classes, -1) for head, f in zip(self.conf, features)],
-                          dim=2)
+        # (B, 4, -1): box index = (default shape, row, col), matching DefaultBoxes' ordering. reshape, not view:
+        # under channels_last (NVIDIA's SSD trains that way) the head outputs are not contiguous in NCHW order
+        locs = torch.cat([head(f).reshape(f.shape[0], 4, -1) for head, f in zip(self.loc, features)], dim=2)
+        confs = torch.cat([head(f).reshape(f.shape[0], self.num_classes, -1)
+                           for head, f in zip(self.conf, features)], dim=2)
         return locs, confs
+
+
+#: what reads the backbone's output (layer3's 38×38 map) outside the backbone: the first extra block and the first
+#: loc/conf heads. With residual groups these narrow with layer3's residual stream (names relative to SSD300).
+HEAD_CONSUMERS = {"layer3": ("additional_blocks.0.0", "loc.0", "conf.0")}
+
+
+def channel_groups(model: SSD300, include_downsample: bool = False, residual: bool = False) -> list[ChannelGroup]:
+    """CHEX channel groups of the SSD's backbone. Group names are relative to the backbone (as in explorer
+    checkpoints and width specs), module names to the whole ``model``: the explorer, compact export and compact
+    training are given the whole SSD, so a residual group can reach the heads that read the backbone's output."""
+    return resnet_groups(model, include_downsample, residual=residual, within="backbone",
+                         stage_consumers=HEAD_CONSUMERS if residual else None)
 
 
 class MultiBoxLoss(nn.Module):
@@ -189,3 +216,69 @@ def load_pretrained_backbone(backbone: ResNetBackbone, state_dict: dict[str, tor
         if not key.startswith(("layer4.", "fc.")):
             cleaned[key] = value
     load_state_dict_checked(backbone, cleaned, what)
+
+
+# ------------------------------------------------------------------------------------------- backbone init
+IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # what torchvision's ``pretrained=True`` (upstream's call) meant
+
+
+class BackboneWeightsError(RuntimeError):
+    """The backbone's initial weights cannot be obtained or read; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class BackboneInit:
+    """Where the backbone's initial weights come from: ``source`` "imagenet" | "file" | "random", the ResNet
+    state dict (None for random init) and a description for the log."""
+
+    source: str
+    state_dict: dict | None
+    description: str
+
+    def apply(self, backbone: "ResNetBackbone") -> None:
+        """Load the weights into ``backbone`` (layer4/fc dropped; anything else must fit exactly)."""
+        if self.state_dict is not None:
+            load_pretrained_backbone(backbone, self.state_dict, self.description)
+
+
+def imagenet_weights_cache_file(name: str) -> str:
+    """Path the torch hub cache uses for torchvision's ImageNet ``name`` weights (present or not)."""
+    url = torchvision.models.get_model_weights(name)[IMAGENET_WEIGHTS].url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def resolve_backbone_init(name: str, path: str | None = None, random_init: bool = False,
+                          download: bool = True) -> BackboneInit:
+    """Initial backbone weights as upstream: a local file if ``path``, random if ``random_init``, else torchvision's
+    ImageNet weights for ``name`` from the hub cache, downloading them there when ``download`` and not cached.
+
+    Raises ``ValueError`` for contradictory arguments and ``BackboneWeightsError`` (one line naming the remedy:
+    ``--backbone-path PATH``) when a file is unreadable or the ImageNet weights cannot be obtained.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    if path and random_init:
+        raise ValueError("a backbone weight file and random init exclude each other")
+    if random_init:
+        return BackboneInit("random", None, f"random init of {name}")
+    if path:
+        try:
+            return BackboneInit("file", load_checkpoint(path), path)
+        except (CheckpointError, OSError) as err:
+            raise BackboneWeightsError(f"cannot read backbone weights {path}: {str(err).splitlines()[0]}") from None
+    weights = torchvision.models.get_model_weights(name)[IMAGENET_WEIGHTS]
+    cached = imagenet_weights_cache_file(name)
+    if not download and not os.path.isfile(cached):
+        raise BackboneWeightsError(_no_imagenet_weights(name, cached, "not in the torch hub cache"))
+    try:
+        state = weights.get_state_dict(progress=False, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        # network (URLError/HTTPError/ssl are OSErrors), hash mismatch, truncated or unsafe file: same remedy
+        raise BackboneWeightsError(_no_imagenet_weights(name, cached, f"{type(err).__name__}: {err}")) from None
+    return BackboneInit("imagenet", dict(state), f"torchvision {name} {IMAGENET_WEIGHTS} ({cached})")
+
+
+def _no_imagenet_weights(name: str, cached: str, reason: str) -> str:
+    reason = " ".join(str(reason).split())[:200]
+    return (f"cannot obtain torchvision's ImageNet {name} weights ({reason}); put them at {cached}, pass a local "
+            "torchvision/CLS ResNet file with --backbone-path PATH, or train from random init with --random-backbone")

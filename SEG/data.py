@@ -1,16 +1,23 @@
 """COCO2014 instance-segmentation data for Mask R-CNN: dataset, flip, aspect-ratio grouped batches.
 
 Layout (upstream ``download_dataset.sh``): ``DATA/train2014/``, ``DATA/val2014/``,
-``DATA/annotations/instances_{train,val}2014.json``. Resizing to ``--min-size``/``--max-size`` is done inside the
-model (torchvision ``GeneralizedRCNNTransform``), so samples keep their original resolution and predictions come
-back in original pixel coordinates, ready for COCOeval.
+``DATA/annotations/instances_{train,val}2014.json`` and, from ``coco_annotations_minival.tgz``,
+``DATA/annotations/instances_{minival,valminusminival}2014.json``. Resizing to ``--min-size``/``--max-size`` is done
+inside the model (torchvision ``GeneralizedRCNNTransform``), so samples keep their original resolution and
+predictions come back in original pixel coordinates, ready for COCOeval.
+
+Splits (``resolve_splits``): upstream trains on train2014 + valminusminival and evaluates on minival (5,000 images).
+All of val2014 contains valminusminival, i.e. the released model's training images, so evaluating there is flagged.
+COCO2017 has the same split under other names: train2017 = train2014 + valminusminival, val2017 = minival.
 """
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,15 +25,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from chex_tasks.coco import load_coco
+from chex_tasks.harness.data import DataError  # noqa: F401  (re-exported: SEG.data.DataError)
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """Bad input data (missing/corrupt file); the message names the file."""
 
 
 def split_paths(root: str | Path, split: str, year: str = "2014") -> tuple[Path, Path]:
@@ -38,6 +42,80 @@ def split_paths(root: str | Path, split: str, year: str = "2014") -> tuple[Path,
     if not ann.is_file():
         raise DataError(f"annotation file not found: {ann}")
     return images, ann
+
+
+SPLIT_CHOICES = ("auto", "minival", "val")
+MINIVAL_ANN = "instances_minival2014.json"
+VALMINUSMINIVAL_ANN = "instances_valminusminival2014.json"
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """One annotated image set: a name (maskrcnn-benchmark's catalogue name), its image folder and annotation file."""
+
+    name: str
+    images: Path
+    annotations: Path
+
+
+@dataclass(frozen=True)
+class SegSplits:
+    """Training sets (concatenated), the evaluation set and the warnings to show (at start and in the metrics)."""
+
+    train: tuple[SplitSource, ...]
+    test: SplitSource
+    warnings: tuple[str, ...] = ()
+
+
+def overlap_warning(root: str | Path) -> str:
+    """Why scoring on all of val2014 is not upstream's number, and what to put on disk instead."""
+    return ("evaluating on all of val2014 (40,504 images), which contains the 35,504 valminusminival images the "
+            "released CHEX Mask R-CNN was trained on: a released checkpoint is scored partly on its own training "
+            "data and the AP is not comparable with upstream's minival (5,000 images). For upstream's split put "
+            f"{MINIVAL_ANN} and {VALMINUSMINIVAL_ANN} (coco_annotations_minival.tgz, as upstream's "
+            f"download_dataset.sh fetches) in {Path(root) / 'annotations'}, or use COCO2017 (--year 2017: "
+            "train2017 = train2014 + valminusminival, val2017 = minival)")
+
+
+def _source(root: Path, name: str, images: str, ann: str) -> SplitSource:
+    source = SplitSource(name, root / images, root / "annotations" / ann)
+    if not source.images.is_dir():
+        raise DataError(f"image folder not found: {source.images} (expected the COCO layout under {root})")
+    if not source.annotations.is_file():
+        raise DataError(f"annotation file not found: {source.annotations}")
+    return source
+
+
+def resolve_splits(root: str | Path, year: str = "2014", split: str = "auto", need_train: bool = True) -> SegSplits:
+    """Training and evaluation sets under ``root`` (``DataError`` naming what is missing).
+
+    ``split``: "auto" = upstream's minival split when its annotation files exist, else all of val2014 (with
+    ``overlap_warning``); "minival" = upstream's split, required; "val" = train{year} / val{year}. COCO2017 (any
+    ``year`` but 2014) is train2017 / val2017, which already is upstream's split. ``need_train=False`` (evaluation
+    only): no training set is looked for or returned.
+    """
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLIT_CHOICES}")
+    root, year = Path(root), str(year)
+    train = (_source(root, f"coco_{year}_train", f"train{year}", f"instances_train{year}.json"),) if need_train \
+        else ()
+    if year != "2014":
+        return SegSplits(train, _source(root, f"coco_{year}_val", f"val{year}", f"instances_val{year}.json"))
+    minival = root / "annotations" / MINIVAL_ANN
+    if split == "val" or (split == "auto" and not minival.is_file()):
+        val = _source(root, "coco_2014_val", "val2014", "instances_val2014.json")
+        return SegSplits(train, val, (overlap_warning(root),))
+    if not minival.is_file():
+        raise DataError(f"upstream's evaluation split needs {minival} (from coco_annotations_minival.tgz)")
+    test = _source(root, "coco_2014_minival", "val2014", MINIVAL_ANN)
+    if not need_train:
+        return SegSplits((), test)
+    if not (root / "annotations" / VALMINUSMINIVAL_ANN).is_file():
+        note = (f"training on train2014 only: {root / 'annotations' / VALMINUSMINIVAL_ANN} not found, so the "
+                "35,504 valminusminival images upstream also trains on are left out")
+        return SegSplits(train, test, (note,))
+    extra = _source(root, "coco_2014_valminusminival", "val2014", VALMINUSMINIVAL_ANN)
+    return SegSplits((*train, extra), test)
 
 
 def _valid_box(ann: dict) -> bool:
@@ -53,9 +131,17 @@ class CocoInstances(Dataset):
     (N, H, W) uint8, ``image_id`` int. For training, crowd instances and degenerate boxes are dropped and
     images left without instances are removed (they carry no loss in torchvision's Mask R-CNN); for evaluation
     every image is kept.
+
+    ``box_convention`` "torchvision": x2 = x + w, clamped to [0, W]; "upstream" (maskrcnn-benchmark, for a model in
+    its conventions): inclusive boxes x2 = x + w - 1, clamped to [0, W - 1], boxes left empty dropped, and a
+    horizontal flip maps x to W - 1 - x.
     """
 
-    def __init__(self, image_dir: str | Path, annotation_file: str | Path, train: bool, flip_prob: float = 0.5):
+    def __init__(self, image_dir: str | Path, annotation_file: str | Path, train: bool, flip_prob: float = 0.5,
+                 box_convention: str = "torchvision"):
+        if box_convention not in ("torchvision", "upstream"):
+            raise ValueError(f"unknown box convention {box_convention!r}")
+        self.box_convention = box_convention
         self.image_dir = Path(image_dir)
         try:
             self.coco = load_coco(annotation_file)
@@ -104,9 +190,16 @@ class CocoInstances(Dataset):
     def _target(self, image_id: int, height: int, width: int) -> dict:
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not self.train or _valid_box(a)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2].clamp_(0, width)
-        boxes[:, 1::2].clamp_(0, height)
+        if self.box_convention == "upstream":  # BoxList(xywh).convert("xyxy").clip_to_image(remove_empty=True)
+            boxes[:, 2:] = boxes[:, :2] + (boxes[:, 2:] - 1).clamp(min=0)
+            boxes[:, 0::2].clamp_(0, width - 1)
+            boxes[:, 1::2].clamp_(0, height - 1)
+            keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).tolist()
+            anns, boxes = [a for a, k in zip(anns, keep) if k], boxes[torch.tensor(keep, dtype=torch.bool)]
+        else:
+            boxes[:, 2:] += boxes[:, :2]
+            boxes[:, 0::2].clamp_(0, width)
+            boxes[:, 1::2].clamp_(0, height)
         masks = np.zeros((len(anns), height, width), dtype=np.uint8)
         for k, ann in enumerate(anns):
             masks[k] = _ann_to_mask(ann, height, width)
@@ -123,8 +216,37 @@ class CocoInstances(Dataset):
         image = self._load_image(image_id)
         target = self._target(image_id, image.shape[-2], image.shape[-1])
         if self.flip_prob and torch.rand(()) < self.flip_prob:
-            image, target = hflip(image, target)
+            image, target = hflip(image, target, self.box_convention)
         return image, target
+
+
+class ConcatInstances(ConcatDataset):
+    """Several ``CocoInstances`` as one training set (upstream: train2014 + valminusminival). They must share the
+    category list, so labels mean the same in all of them."""
+
+    def __init__(self, datasets: Sequence[CocoInstances]):
+        super().__init__(datasets)
+        first = datasets[0]
+        for other in datasets[1:]:
+            if other.cat_to_label != first.cat_to_label:
+                raise DataError(f"{first.image_dir} and {other.image_dir} annotation files list different categories")
+        self.cat_to_label, self.label_to_cat = first.cat_to_label, first.label_to_cat
+
+    @property
+    def num_classes(self) -> int:
+        return self.datasets[0].num_classes
+
+    def aspect_ratio(self, index: int) -> float:
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        start = self.cumulative_sizes[part - 1] if part else 0
+        return self.datasets[part].aspect_ratio(index - start)
+
+
+def build_instances(sources: Sequence[SplitSource], train: bool,
+                    box_convention: str = "torchvision") -> CocoInstances | ConcatInstances:
+    """The dataset of one or more ``SplitSource`` (a ``ConcatInstances`` when there are several)."""
+    parts = [CocoInstances(s.images, s.annotations, train=train, box_convention=box_convention) for s in sources]
+    return parts[0] if len(parts) == 1 else ConcatInstances(parts)
 
 
 def _ann_to_mask(ann: dict, height: int, width: int) -> np.ndarray:
@@ -139,9 +261,10 @@ def _ann_to_mask(ann: dict, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
-def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-    """Horizontal flip of a (3, H, W) image with its xyxy boxes and (N, H, W) masks."""
-    width = image.shape[-1]
+def hflip(image: torch.Tensor, target: dict, box_convention: str = "torchvision") -> tuple[torch.Tensor, dict]:
+    """Horizontal flip of a (3, H, W) image with its xyxy boxes and (N, H, W) masks (inclusive "upstream" boxes
+    map x to W - 1 - x, as maskrcnn-benchmark's ``BoxList.transpose``)."""
+    width = image.shape[-1] - (1 if box_convention == "upstream" else 0)
     target = dict(target)
     boxes = target["boxes"].clone()
     boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
@@ -169,12 +292,13 @@ class GroupedInfiniteBatchSampler(Sampler[list[int]]):
 
     Each pass over the data is a seeded permutation (seed + pass index, identical on every rank) split into
     per-rank shards of equal length; indices are then batched within their group so padded batches waste little.
-    Yields ``num_iterations - start_iter`` batches of ``batch_size`` indices: resuming at ``start_iter`` continues
-    the same stream (the sampler is deterministic), so a resumed run sees the data it would have seen.
+    Yields ``num_iterations`` batches of ``batch_size`` indices. The stream depends only on its arguments, so the
+    harness's stateful loader resumes it by replaying the sampler to the checkpointed position
+    (``chex_tasks.harness.data``): a resumed run sees the data it would have seen.
     """
 
     def __init__(self, group_ids: Sequence[int], batch_size: int, num_iterations: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, start_iter: int = 0):
+                 world_size: int = 1, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         per_rank = math.ceil(len(group_ids) / world_size)
@@ -185,7 +309,7 @@ class GroupedInfiniteBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.num_iterations = num_iterations
         self.rank, self.world_size = rank, world_size
-        self.seed, self.start_iter = seed, start_iter
+        self.seed = seed
 
     def _shard(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + epoch)
@@ -213,26 +337,7 @@ class GroupedInfiniteBatchSampler(Sampler[list[int]]):
             epoch += 1
 
     def __iter__(self) -> Iterator[list[int]]:
-        produced = 0
-        for batch in self._all_batches():
-            if produced >= self.num_iterations:
-                return
-            if produced >= self.start_iter:
-                yield batch
-            produced += 1
+        return itertools.islice(self._all_batches(), self.num_iterations)
 
     def __len__(self) -> int:
-        return max(0, self.num_iterations - self.start_iter)
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation sampler: rank r gets indices r, r+W, … (no padding, so every image is evaluated once)."""
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, size, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+        return max(0, self.num_iterations)

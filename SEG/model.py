@@ -1,13 +1,17 @@
 """Mask R-CNN R-50-FPN with a trainable-norm backbone body, for CHEX on COCO2014.
 
 Built from torchvision parts (no vendored maskrcnn-benchmark). Only ``model.backbone.body`` (the ResNet-50 trunk)
-is pruned; the FPN and the heads stay dense, as in the released SEG code (ALGORITHM.md §2.3).
+is pruned; the FPN and the heads stay dense, as in the released SEG code (docs/algorithm.md §2). With
+``--chex-residual`` the body's residual streams are explored too, and the FPN's lateral 1×1 convs, which read them,
+narrow with them (:data:`FPN_LATERALS`, docs/algorithm.md §2.1).
 
 Upstream (zejiangh/Filter-GaP ``SEG/pytorch``, maskrcnn-benchmark) layout that this module can mirror:
 - GroupNorm(32) in the body, the FPN, the box head (fc6/fc7) and the mask head (``--norm gn --head-norm gn``);
 - stride in the first 1x1 conv of each bottleneck (maskrcnn-benchmark ``STRIDE_IN_1X1: True``);
 - images in BGR, 0..255, minus the per-channel pixel mean (std 1). Released checkpoints are converted on load
-  (stem conv input channels flipped to RGB) and the model's transform is switched to that pixel convention.
+  (stem conv input channels flipped to RGB) and the model's transform is switched to that pixel convention;
+- maskrcnn-benchmark's anchors, "+1" box coding, proposal selection and post-processing: ``conventions="upstream"``
+  (``SEG.conventions``), switched on automatically when a released checkpoint is loaded.
 """
 from __future__ import annotations
 
@@ -26,13 +30,18 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
 from chex_core.checkpoint import state_dict_problems, strip_prefix
+from chex_tasks.export import read_compact
 from chex_core.compact import apply_width_spec, compact_model
 from chex_core.flops import count_macs
 from chex_core.groups import resnet_groups
 
+from .conventions import (ANCHOR_SIZES, ANCHOR_STRIDES, apply_upstream_conventions, cell_anchors_from_state_dict,
+                          legacy_cell_anchors)
+
 logger = logging.getLogger(__name__)
 
 NORMS = ("gn", "bn", "syncbn")
+CONVENTIONS = ("torchvision", "upstream")
 GN_GROUPS = 32
 
 # maskrcnn-benchmark's PIXEL_MEAN (BGR, 0..255) rewritten for torchvision's transform, which sees RGB in 0..1:
@@ -45,7 +54,7 @@ TORCHVISION_PIXEL_STD = [0.229, 0.224, 0.225]
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """RPN/ROI sampling sizes. Upstream values are the defaults; the CPU tests shrink them (ENVIRONMENT.md §3)."""
+    """RPN/ROI sampling sizes. Upstream values are the defaults; the CPU tests shrink them to stay fast."""
 
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 2000
@@ -115,13 +124,20 @@ def build_maskrcnn(
     min_size: int = 800,
     max_size: int = 1333,
     sampling: SamplingConfig = SamplingConfig(),
+    conventions: str = "torchvision",
+    post_nms_per_batch: bool = True,
 ) -> MaskRCNN:
     """Mask R-CNN R-50-FPN, random init (weights=None), all five body stages trainable.
 
     ``num_classes`` includes background (COCO: 81). ``norm`` is the body's norm (gn | bn | syncbn; syncbn is
     converted only when CUDA is available, otherwise plain BN with a warning). ``head_norm`` (gn | none) puts GN in
-    the FPN, box head and mask head, as the upstream GN config does.
+    the FPN, box head and mask head, as the upstream GN config does. ``conventions="upstream"`` uses
+    maskrcnn-benchmark's arithmetic and pixel convention (``SEG.conventions``); the parameters are the same.
+    ``post_nms_per_batch`` (upstream conventions only): in training, keep the best RPN proposals of the whole batch
+    (maskrcnn-benchmark) rather than of each image.
     """
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"unknown conventions {conventions!r}; choose one of {CONVENTIONS}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
     if head_norm not in ("gn", "none"):
@@ -153,6 +169,9 @@ def build_maskrcnn(
             model.backbone.body = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone.body)
         else:
             warnings.warn("--norm syncbn needs CUDA; using plain BatchNorm2d on CPU", stacklevel=2)
+    if conventions == "upstream":
+        apply_upstream_conventions(model, post_nms_per_batch=post_nms_per_batch)
+        set_pixel_convention(model, upstream=True)
     return model
 
 
@@ -162,12 +181,20 @@ def set_pixel_convention(model: MaskRCNN, upstream: bool) -> None:
     model.transform.image_std = list(UPSTREAM_PIXEL_STD if upstream else TORCHVISION_PIXEL_STD)
 
 
-def channel_groups(model: MaskRCNN, include_downsample: bool = False):
-    """CHEX channel groups of the backbone body (names relative to ``model.backbone.body``).
+#: the FPN's lateral 1×1 convs read the body's C2..C5 (stages layer1..layer4); with residual groups they narrow with
+#: their stage's residual stream (names relative to the Mask R-CNN)
+FPN_LATERALS = {f"layer{i + 1}": (f"backbone.fpn.inner_blocks.{i}.0",) for i in range(4)}
+
+
+def channel_groups(model: MaskRCNN, include_downsample: bool = False, residual: bool = False):
+    """CHEX channel groups of the backbone body. Group names are relative to ``model.backbone.body`` (as in explorer
+    checkpoints and ``body_spec``), module names to the whole ``model``: the explorer and compact export are given the
+    whole Mask R-CNN, so a residual group (``--chex-residual``) can reach the FPN laterals that read its stage.
 
     ``include_downsample`` also masks the shortcut convs (the released SEG code does; ``--chex-prune-downsample``).
     """
-    return resnet_groups(model.backbone.body, include_downsample=include_downsample)
+    return resnet_groups(model, include_downsample, residual=residual, within="backbone.body",
+                         stage_consumers=FPN_LATERALS if residual else None)
 
 
 def body_macs(model: MaskRCNN, zero_aware: bool = True, size: int = 224) -> int:
@@ -188,21 +215,25 @@ def dense_body_macs(stride_in_1x1: bool, size: int = 224) -> int:
     return int(count_macs(trunk, (3, size, size), zero_aware=False))
 
 
-def compact_body(model: MaskRCNN, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, int]]:
-    """Physically slice the masked body. Only for BN bodies.
+def compact_maskrcnn(model: MaskRCNN, groups, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, int]]:
+    """A physically sliced copy of the masked Mask R-CNN (its body, and with residual groups the FPN laterals) and
+    its width spec. Only for BN bodies.
 
     A GroupNorm body cannot be compacted exactly: GN statistics are taken over groups that include the zeroed
-    channels, and pruned widths are generally not divisible by 32 groups (ALGORITHM.md §5.3). So a GN model stays
-    dense with zeros (which is also what upstream released) and this raises ``ValueError``.
+    channels, and pruned widths are generally not divisible by 32 groups (docs/algorithm.md §7.1). So a GN model
+    stays dense with zeros (which is also what upstream released) and this raises ``ValueError``.
+
+    Args:
+        model: the masked model; left untouched.
+        groups: its channel groups (:func:`channel_groups`, as the explorer was built).
+        masks: group name → keep vector (``ChannelExplorer.masks``).
     """
-    body = model.backbone.body
-    if any(isinstance(m, nn.GroupNorm) for m in body.modules()):
+    if any(isinstance(m, nn.GroupNorm) for m in model.backbone.body.modules()):
         raise ValueError(
             "compact export is not possible for a GroupNorm body (GN statistics include the pruned channels and "
             "widths break the 32-group divisibility); train with --norm bn to export a compact model"
         )
-    with_downsample = any(name.endswith("downsample.0") for name in masks)
-    return compact_model(body, channel_groups(model, include_downsample=with_downsample), masks)
+    return compact_model(model, groups, masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,8 +351,11 @@ def to_upstream_names(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
 def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -> str:
     """Load weights from one of our checkpoints (``model`` key) or a released upstream one (``model`` or bare).
 
-    Returns ``"upstream"`` or ``"native"``; for upstream files the pixel convention is switched to upstream's.
-    A compact checkpoint (``body_spec`` key) rebuilds the body to those widths first.
+    Returns ``"upstream"`` or ``"native"``. An upstream file switches the model to upstream's conventions
+    (``SEG.conventions``: anchors, "+1" box coding, proposal/detection selection, pixel convention) and installs the
+    file's own ``cell_anchors`` when it has them, so it is evaluated or fine-tuned with the arithmetic it was
+    trained with. A compact checkpoint (any layout ``chex_tasks.export.read_compact`` reads) rebuilds the body (and
+    the FPN laterals of narrowed residual streams) to its widths first.
     Raises ``CheckpointMismatchError`` with the offending names on any mismatch.
     """
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
@@ -329,10 +363,14 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
         raise CheckpointMismatchError("checkpoint holds no model state dict (expected a 'model' entry of tensors)")
     if is_upstream_state_dict(state):
         model.load_state_dict(convert_upstream_state_dict(state, model), strict=True)
-        set_pixel_convention(model, upstream=True)
+        _switch_to_upstream(model, state)
         return "upstream"
-    if checkpoint.get("body_spec"):
-        apply_width_spec(model.backbone.body, dict(checkpoint["body_spec"]))
+    compact = read_compact(checkpoint)
+    if compact is not None:
+        state = compact.state_dict
+        # the spec names body groups (residual streams too after --chex-residual); the groups say which layers,
+        # the FPN laterals included, each name narrows
+        apply_width_spec(model, compact.width_spec, groups=channel_groups(model, residual=True))
     state = strip_prefix(state)
     try:
         result = model.load_state_dict(state, strict=strict)
@@ -346,3 +384,20 @@ def load_model_weights(model: MaskRCNN, checkpoint: dict, strict: bool = True) -
         logger.warning("non-strict load: missing %s, unexpected %s", result.missing_keys[:5],
                        result.unexpected_keys[:5])
     return "native"
+
+
+def _switch_to_upstream(model: MaskRCNN, state: dict) -> None:
+    """Upstream conventions + pixel convention, with the checkpoint's cell anchors where it stores them."""
+    try:
+        anchors = cell_anchors_from_state_dict(state)
+        # a model built in upstream mode keeps its per-batch / per-image proposal rule (--rpn-post-nms-per-batch)
+        apply_upstream_conventions(model, cell_anchors=anchors,
+                                   post_nms_per_batch=getattr(model.rpn, "post_nms_per_batch", True))
+    except ValueError as err:
+        raise CheckpointMismatchError(f"upstream checkpoint anchors: {err}") from None
+    if anchors is not None:
+        computed = [legacy_cell_anchors(st, sz) for st, sz in zip(ANCHOR_STRIDES, ANCHOR_SIZES)]
+        if any(not torch.equal(a, c) for a, c in zip(anchors, computed)):
+            logger.warning("the checkpoint's cell anchors differ from maskrcnn-benchmark's formula; using the "
+                           "checkpoint's")
+    set_pixel_convention(model, upstream=True)

@@ -8,51 +8,48 @@ Launch from the repository root (``SEG/scripts/train.sh`` and ``SEG/scripts/eval
 Upstream recipe (``e2e_mask_rcnn_R_50_FPN_1x_gn.yaml`` + the constants in ``engine/trainer.py``): 8 GPUs x 4 images,
 lr 0.04, 270k iterations with steps at 210k/250k, linear warmup; CHEX every ΔT = 1000 iterations up to
 T_max = 0.75 x max-iter, S = 0.5, δ0 = 0.5 (so training starts dense), uniform per-layer sparsity, random regrowth.
+Training runs on the shared run harness (docs/harness.md), as maskrcnn-benchmark does it: one pass of ``--max-iter``
+iterations, checkpoints every ``--checkpoint-period``, ``last_checkpoint``, ``model_final.pth``, resumed
+automatically from ``--output-dir``.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import logging
-import os
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
 from chex_core import cli as chex_cli
-from chex_core import distributed
-from chex_core.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, load_checkpoint,
-                                  restore_rng_state, save_checkpoint)
-from chex_core.engine import AmpConfig, NonFiniteLossError, TrainStep
-from chex_tasks.progress import TensorBoardWriter, args_to_dict, save_args
+from chex_core.checkpoint import CheckpointError
+from chex_core.engine import NonFiniteLossError
+from chex_tasks.harness import (DataError, OneLineParser, Run, UserError, add_run_args, check_run_args,
+                                require_at_least, run_guarded, start_runtime)
 
-from .data import CocoInstances, DataError, GroupedInfiniteBatchSampler, aspect_ratio_groups, collate, split_paths
-from .evaluate import evaluate_results, format_report, predict
-from .model import (NORMS, CheckpointMismatchError, SamplingConfig, body_macs, build_maskrcnn, channel_groups,
-                    compact_body, dense_body_macs, is_upstream_state_dict, load_model_weights)
+from .data import MINIVAL_ANN, SPLIT_CHOICES, build_instances
+from .evaluate import UPSTREAM_CHECKPOINT, evaluate_checkpoint, find_eval_checkpoint  # noqa: F401 (re-exported)
+from .evaluate import model_from_args, read_eval_checkpoint, splits_from_args
+from .model import CONVENTIONS, NORMS, CheckpointMismatchError, is_upstream_state_dict
+from .task import FLOPS_SIZE, SegTask
 
 logger = logging.getLogger("SEG.train")
 
-UPSTREAM_CHECKPOINT = "maskrcnn_37%flops_37.3apbox_34.5apmask.pth.tar"
-FINAL_NAME = "model_final.pth"
-COMPACT_NAME = "model_compact.pth"
-# Architecture flags recorded in our checkpoints: evaluation rebuilds the model the checkpoint was trained with.
-ARCH_FLAGS = ("norm", "head_norm", "stride_in_1x1")
-UPSTREAM_ARCH = {"norm": "gn", "head_norm": "gn", "stride_in_1x1": True}
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(
+        prog="SEG.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="SEG overrides of the CHEX flag defaults: --chex-criterion leverage, --chex-regrow random, "
                "--chex-allocation uniform (the released SEG variant); --T_max 0 means 0.75 x --max-iter.")
     p.add_argument("--data-path", default="data/coco2014",
-                   help="COCO root with train2014/, val2014/ and annotations/instances_{train,val}2014.json")
-    p.add_argument("--year", default="2014", help="COCO release year in folder/file names (default 2014)")
+                   help="COCO root with train2014/, val2014/ and annotations/instances_{train,val}2014.json, plus "
+                        "instances_{minival,valminusminival}2014.json for upstream's split")
+    p.add_argument("--year", default="2014",
+                   help="COCO release year in folder/file names (default 2014; 2017: train2017/val2017, which is "
+                        "upstream's split under other names)")
+    p.add_argument("--eval-split", choices=SPLIT_CHOICES, default="auto",
+                   help="COCO2014 evaluation set: minival = upstream's (5,000 images; also trains on "
+                        "valminusminival), val = all of val2014 (overlaps the released model's training images), "
+                        "auto = minival when its annotation files exist, else val with a warning (default auto)")
     p.add_argument("--output-dir", default="results", help="checkpoints, TensorBoard logs, args.json, metrics")
     # schedule (iterations; upstream SOLVER section)
     p.add_argument("--max-iter", type=int, default=270000, help="total training iterations (optimizer steps)")
@@ -77,34 +74,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GroupNorm in FPN, box head and mask head (upstream gn config) or none")
     p.add_argument("--stride-in-1x1", action=argparse.BooleanOptionalAction, default=True,
                    help="stride in each bottleneck's first 1x1 conv (maskrcnn-benchmark) instead of the 3x3")
+    p.add_argument("--conventions", choices=("auto", *CONVENTIONS), default="auto",
+                   help="box/anchor arithmetic: upstream = maskrcnn-benchmark's (anchors, +1 box coding, proposal "
+                        "selection, BGR255 pixels; docs/upstream_conventions.md), torchvision = torchvision's; auto = "
+                        "upstream for a released maskrcnn-benchmark checkpoint in --weights, else torchvision "
+                        "(scripts/train.sh passes upstream)")
+    p.add_argument("--rpn-post-nms-per-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="upstream conventions, training: keep the best --rpn-post-nms-top-n-train proposals of the "
+                        "whole batch (maskrcnn-benchmark) instead of per image")
     p.add_argument("--min-size", type=int, default=800, help="shorter image side after resizing (pixels)")
     p.add_argument("--max-size", type=int, default=1333, help="cap on the longer image side (pixels)")
-    p.add_argument("--rpn-pre-nms-top-n-train", type=int, default=2000, help="RPN proposals per level before NMS")
-    p.add_argument("--rpn-post-nms-top-n-train", type=int, default=2000, help="RPN proposals kept after NMS")
-    p.add_argument("--rpn-pre-nms-top-n-test", type=int, default=1000, help="RPN proposals per level before NMS (eval)")
-    p.add_argument("--rpn-post-nms-top-n-test", type=int, default=1000, help="RPN proposals kept after NMS (eval)")
-    p.add_argument("--rpn-batch-size-per-image", type=int, default=256, help="anchors sampled per image for RPN loss")
-    p.add_argument("--box-batch-size-per-image", type=int, default=512, help="ROIs sampled per image for the heads")
-    p.add_argument("--box-detections-per-img", type=int, default=100, help="detections kept per image (eval)")
+    for name, default, what in (("rpn-pre-nms-top-n-train", 2000, "RPN proposals per level before NMS"),
+                                ("rpn-post-nms-top-n-train", 2000, "RPN proposals kept after NMS"),
+                                ("rpn-pre-nms-top-n-test", 1000, "RPN proposals per level before NMS (eval)"),
+                                ("rpn-post-nms-top-n-test", 1000, "RPN proposals kept after NMS (eval)"),
+                                ("rpn-batch-size-per-image", 256, "anchors sampled per image for RPN loss"),
+                                ("box-batch-size-per-image", 512, "ROIs sampled per image for the heads"),
+                                ("box-detections-per-img", 100, "detections kept per image (eval)")):
+        p.add_argument(f"--{name}", type=int, default=default, help=what)
     # runtime
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + loss scaling on CUDA, bf16 on CPU)")
-    p.add_argument("--checkpoint-period", type=int, default=2500, help="save a checkpoint every N iterations")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="rolling checkpoints kept in --output-dir")
     p.add_argument("--print-freq", type=int, default=20, help="log every N iterations (rank 0)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from the newest loadable checkpoint in --output-dir, if any")
     p.add_argument("--final-eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate on val after training")
     p.add_argument("--eval-only", action="store_true", help="only evaluate --weights (no training)")
     p.add_argument("--weights", default=None,
-                   help="checkpoint file to evaluate, or a folder: the upstream release file, else model_final.pth, "
-                        "else the newest checkpoint in it (default: --output-dir)")
+                   help="--eval-only: checkpoint file to evaluate, or a folder: the upstream release file, else "
+                        "model_final.pth, else the newest checkpoint in it (default: --output-dir). Training: start "
+                        "from this file's weights (ours, a compact export or a released upstream file), as "
+                        "maskrcnn-benchmark's MODEL.WEIGHT; a checkpoint in --output-dir to resume from wins")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="let --eval-only fully unpickle a trusted release checkpoint that the safe loader rejects")
+                   help="let --weights fully unpickle a trusted release checkpoint that the safe loader rejects")
+    p.add_argument("--check-args", action="store_true",
+                   help="only check the flags and the data layout (exit 0, or 2 with one line); scripts/*.sh run "
+                        "this before launching torchrun, so a mistake is not buried in a launcher traceback")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N val images")
+    add_run_args(p, resume_default="auto", period_flags=("--checkpoint-period",), period_default=2500)
     # SEG recipe: constants hard-coded in upstream engine/trainer.py, as flags here (ΔT, T_max in iterations).
-    # Released SEG variant: SVD leverage scores, random regrowth, the same sparsity in every layer.
-    # T_max 0 means 0.75 x --max-iter (upstream's rule).
     chex_cli.add_chex_args(p, unit="iterations", defaults={"channel_sparsity": 0.5, "init_channel_ratio": 0.5,
                                                            "delta_T": 1000, "T_max": 0, "chex_criterion": "leverage",
                                                            "chex_regrow": "random", "chex_allocation": "uniform"})
@@ -114,28 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    for flag in ("max_iter", "batch_size", "checkpoint_period", "print_freq", "min_size", "max_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.workers < 0:
-        parser.error(f"--workers must be >= 0, got {args.workers}")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        parser.error(f"--eval-limit must be >= 1, got {args.eval_limit}")
+    require_at_least(parser, ("--max-iter", args.max_iter, 1), ("--batch-size", args.batch_size, 1),
+                     ("--checkpoint-period", args.checkpoint_every, 1), ("--print-freq", args.print_freq, 1),
+                     ("--min-size", args.min_size, 1), ("--max-size", args.max_size, 1), ("--workers", args.workers, 0),
+                     ("--eval-limit", args.eval_limit, 1))
     if sorted(args.steps) != args.steps:
         parser.error(f"--steps must be increasing, got {args.steps}")
     if args.T_max == 0:
         args.T_max = max(int(0.75 * args.max_iter), args.delta_T)
     chex_cli.validate_chex_args(parser, args)
+    check_run_args(parser, args)
     if args.grow_prune and args.T_max > args.max_iter:
         parser.error(f"--T_max ({args.T_max}) is beyond --max-iter ({args.max_iter})")
     # Fail on a wrong data path now, with the flag's name, rather than deep inside a worker.
+    minival = Path(args.data_path) / "annotations" / MINIVAL_ANN
+    if args.eval_split == "minival" and str(args.year) == "2014" and not minival.is_file():
+        parser.error(f"--eval-split minival: {minival} not found (coco_annotations_minival.tgz, as upstream's "
+                     "download_dataset.sh fetches it)")
     try:
-        if not args.eval_only:
-            split_paths(args.data_path, "train", args.year)
-        split_paths(args.data_path, "val", args.year)  # evaluation needs val either way
+        splits_from_args(args)
     except DataError as err:
         parser.error(f"--data-path: {err}")
-    if args.eval_only:
+    if args.eval_only or args.weights:
         try:
             args.weights = str(find_eval_checkpoint(args.weights or args.output_dir))
         except FileNotFoundError as err:
@@ -143,289 +149,69 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     return args
 
 
-def find_eval_checkpoint(path: str | os.PathLike) -> Path:
-    """A file as given; for a folder: the upstream release file, else ``model_final.pth``, else the newest
-    loadable rolling checkpoint. ``FileNotFoundError`` when there is none."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint file or folder at {path}")
-    for name in (UPSTREAM_CHECKPOINT, FINAL_NAME):
-        if (path / name).is_file():
-            return path / name
-    latest = CheckpointManager(str(path)).latest()
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {path} (looked for {UPSTREAM_CHECKPOINT}, {FINAL_NAME}, "
-                                "checkpoint_*.pth)")
-    return Path(latest)
+def resolve_conventions(args, weights: dict | None) -> str:
+    """``--conventions auto``: upstream for a released maskrcnn-benchmark file in ``--weights``, the recorded ones for
+    one of our checkpoints, else torchvision. A released file always computes with upstream's conventions: asking for
+    torchvision's is a ``UserError``."""
+    weights = weights if isinstance(weights, dict) else {}
+    state = weights.get("model", weights.get("state_dict", weights))
+    upstream_file = isinstance(state, dict) and is_upstream_state_dict(state)
+    if upstream_file and args.conventions == "torchvision":
+        raise UserError(f"--conventions torchvision: {args.weights} is a maskrcnn-benchmark checkpoint, which is "
+                        "trained and evaluated with upstream's conventions (drop the flag)")
+    if args.conventions != "auto":
+        return args.conventions
+    recorded = (weights.get("args") or {}).get("conventions") if isinstance(weights.get("args"), dict) else None
+    return "upstream" if upstream_file else recorded if recorded in CONVENTIONS else "torchvision"
 
 
-def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+def check_target_flops(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--check-args`` with ``--target-flops``: resolve the target on the dense body as training will (exit 2 with
+    one line when it cannot be met), so the scripts catch it before torchrun starts."""
+    model = model_from_args(args, 2)   # the class count changes the heads only, not the body the target is about
+    body = model.backbone.body
+    chex_cli.explorer_from_args(copy.copy(args), body, chex_cli.groups_from_args(args, body), steps_per_unit=1,
+                                input_size=(3, FLOPS_SIZE, FLOPS_SIZE), parser=parser)
 
 
-def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(args.rpn_pre_nms_top_n_train, args.rpn_post_nms_top_n_train, args.rpn_pre_nms_top_n_test,
-                          args.rpn_post_nms_top_n_test, args.rpn_batch_size_per_image, args.box_batch_size_per_image,
-                          args.box_detections_per_img)
+def check_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--check-args``: what ``parse_args`` checks, plus the checks that need a model or the --weights file."""
+    def body():
+        if args.eval_only:
+            return
+        if args.weights and args.conventions == "torchvision":
+            resolve_conventions(args, read_eval_checkpoint(args.weights, args.allow_pickle))
+        if args.grow_prune and args.target_flops is not None:
+            check_target_flops(parser, args)
 
-
-def model_from_args(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    return build_maskrcnn(num_classes, norm=args.norm, head_norm=args.head_norm, stride_in_1x1=args.stride_in_1x1,
-                          min_size=args.min_size, max_size=args.max_size, sampling=sampling_from_args(args))
-
-
-class WarmupMultiStep:
-    """LR factor at iteration i: linear warmup from ``warmup_factor`` over ``warmup_iters``, then x gamma at each
-    of ``steps`` (maskrcnn-benchmark ``WarmupMultiStepLR``). A plain object so ``LambdaLR.state_dict`` keeps it."""
-
-    def __init__(self, steps: list[int], gamma: float, warmup_iters: int, warmup_factor: float) -> None:
-        self.steps, self.gamma = list(steps), gamma
-        self.warmup_iters, self.warmup_factor = warmup_iters, warmup_factor
-
-    def __call__(self, it: int) -> float:
-        warm = 1.0
-        if it < self.warmup_iters:
-            alpha = it / self.warmup_iters
-            warm = self.warmup_factor * (1 - alpha) + alpha
-        return warm * self.gamma ** sum(it >= s for s in self.steps)
-
-
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.SGD:
-    """SGD with maskrcnn-benchmark's groups: biases at lr x bias-lr-factor without weight decay."""
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
-    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
-    return torch.optim.SGD([
-        {"params": weights, "lr": args.lr, "weight_decay": args.weight_decay},
-        {"params": biases, "lr": args.lr * args.bias_lr_factor, "weight_decay": 0.0},
-    ], lr=args.lr, momentum=args.momentum)
-
-
-def _to_device(targets, device):
-    return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-
-
-def run_evaluation(model, args, device, dense_macs: int | None = None) -> dict:
-    """Sharded inference + COCOeval on rank 0; logs the upstream-style table and writes ``eval_metrics.json``."""
-    images, ann = split_paths(args.data_path, "val", args.year)
-    val = CocoInstances(images, ann, train=False)
-    bbox_res, segm_res = predict(model, val, device, batch_size=1, workers=min(args.workers, 2), limit=args.eval_limit)
-    if not distributed.is_main_process():
-        return {}
-    ids = val.ids[:args.eval_limit] if args.eval_limit else None
-    metrics = evaluate_results(val, bbox_res, segm_res, image_ids=ids)
-    macs = body_macs(model)
-    dense = dense_macs if dense_macs is not None else dense_body_macs(args.stride_in_1x1)
-    logger.info("COCO%s val (%d images, %d detections):\n%s", args.year, len(ids) if ids else len(val),
-                len(bbox_res), format_report(metrics, macs, dense))
-    out = {**metrics, "body_macs": macs, "dense_body_macs": dense, "flops_reduction": 1 - macs / dense}
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "eval_metrics.json").write_text(json.dumps(out, indent=2) + "\n")
-    return out
-
-
-def read_eval_checkpoint(path: str, allow_pickle: bool) -> dict:
-    """``torch.load(weights_only=True)``; with ``allow_pickle`` a trusted third-party file may fall back to a full
-    unpickle (a release file could hold pickled objects that the safe loader rejects)."""
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as err:
-        if not allow_pickle or not os.path.isfile(path):
-            raise CheckpointError(f"{err} (if this is a trusted release file, retry with --allow-pickle)") from None
-        logger.warning("loading %s with weights_only=False (--allow-pickle)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def evaluate_checkpoint(args, dist_info) -> dict:
-    """``--eval-only``: rebuild the model a checkpoint was trained with, load it (upstream names mapped), evaluate."""
-    ckpt = read_eval_checkpoint(args.weights, args.allow_pickle)
-    state = ckpt.get("model", ckpt.get("state_dict", ckpt))
-    # Our checkpoints record their architecture flags; a released upstream file implies the upstream layout.
-    upstream = isinstance(state, dict) and is_upstream_state_dict(state)
-    saved = dict(UPSTREAM_ARCH) if upstream else ckpt.get("args") or {}
-    for flag in ARCH_FLAGS:
-        if flag in saved and saved[flag] != getattr(args, flag):
-            logger.info("using the checkpoint's --%s %s", flag.replace("_", "-"), saved[flag])
-            setattr(args, flag, saved[flag])
-    num_classes = CocoInstances(*split_paths(args.data_path, "val", args.year), train=False).num_classes
-    model = model_from_args(args, num_classes)
-    kind = load_model_weights(model, ckpt)
-    logger.info("loaded %s checkpoint %s (iteration %s)", kind, args.weights, ckpt.get("iteration", "?"))
-    model.to(dist_info.device)
-    return run_evaluation(model, args, dist_info.device)
-
-
-@dataclass
-class TrainState:
-    """Everything a checkpoint must restore (ARCHITECTURE.md §4.4); ``model`` is the unwrapped module."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    explorer: object | None
-    iteration: int = 0
-    rng: list = field(default_factory=list)
-
-    def to_checkpoint(self, args: argparse.Namespace) -> dict:
-        """Collective (gathers every rank's RNG state): call on all ranks."""
-        explorer = self.explorer.state_dict() if self.explorer is not None else None
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "iteration": self.iteration, "explorer": explorer,
-                "rng": distributed.all_gather_object(capture_rng_state()), "args": args_to_dict(args)}
-
-    def load(self, ckpt: dict, path: str) -> None:
-        load_model_weights(self.model, ckpt)
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointMismatchError(f"{path}: optimizer state does not fit this model ({err})") from None
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.explorer is not None:
-            if not ckpt.get("explorer"):
-                raise CheckpointError(f"{path} has no explorer state but --grow_prune is on")
-            try:
-                self.explorer.load_state_dict(ckpt["explorer"], self.optimizer)
-            except ValueError as err:  # e.g. saved with(out) --chex-prune-downsample
-                raise CheckpointMismatchError(f"{path}: {err}") from None
-        self.iteration = int(ckpt["iteration"])
-        self.rng = list(ckpt.get("rng") or [])
-
-
-def build_training(args: argparse.Namespace, num_classes: int, device: torch.device,
-                   parser: argparse.ArgumentParser | None = None) -> TrainState:
-    torch.manual_seed(args.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = model_from_args(args, num_classes).to(device)
-    optimizer = make_optimizer(model, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupMultiStep(args.steps, args.gamma, args.warmup_iters, args.warmup_factor))
-    scaler = AmpConfig(enabled=args.amp, device_type=device.type).make_scaler()
-    # CHEX prunes the ResNet body only; ΔT and T_max are iterations, so one unit = one optimizer step.
-    groups = channel_groups(model, include_downsample=args.chex_prune_downsample)
-    explorer = chex_cli.explorer_from_args(args, model.backbone.body, groups, steps_per_unit=1, parser=parser)
-    return TrainState(model, optimizer, scheduler, scaler, explorer)
-
-
-def make_train_loader(dataset: CocoInstances, args: argparse.Namespace, dist_info, start_iter: int) -> DataLoader:
-    groups = aspect_ratio_groups([dataset.aspect_ratio(i) for i in range(len(dataset))], args.aspect_ratio_group_factor)
-    sampler = GroupedInfiniteBatchSampler(groups, args.batch_size, args.max_iter, dist_info.rank,
-                                          dist_info.world_size, seed=args.seed, start_iter=start_iter)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate)
-
-
-def train(args: argparse.Namespace, dist_info, parser: argparse.ArgumentParser | None = None) -> dict:
-    """setup -> data -> model/optimizer/explorer -> resume or start -> iterations -> final save/export/eval."""
-    device = dist_info.device
-    dataset = CocoInstances(*split_paths(args.data_path, "train", args.year), train=True)
-    state = build_training(args, dataset.num_classes, device, parser)
-    manager = CheckpointManager(args.output_dir, keep=args.keep_checkpoints)
-    latest = manager.latest() if args.resume else None
-    if latest:
-        state.load(load_checkpoint(latest), latest)
-        logger.info("resumed from %s at iteration %d", latest, state.iteration)
-    elif state.explorer is not None:
-        state.explorer.start(state.optimizer)
-    if dist_info.is_main:
-        save_args(args, args.output_dir)
-    loader = make_train_loader(dataset, args, dist_info, state.iteration)
-    logger.info("training %d -> %d iterations, %d images, world %d x batch %d", state.iteration, args.max_iter,
-                len(dataset), dist_info.world_size, args.batch_size)
-    train_loop(state, loader, manager, args, dist_info)
-    final = state.to_checkpoint(args)
-    save_checkpoint({k: final[k] for k in ("model", "iteration", "explorer", "args")},
-                    str(Path(args.output_dir) / FINAL_NAME))
-    export_compact(state.model, state.explorer, args)
-    distributed.barrier()
-    return run_evaluation(state.model, args, device) if args.final_eval else {}
-
-
-def train_loop(state: TrainState, loader: DataLoader, manager: CheckpointManager, args, dist_info) -> None:
-    """Iterations ``state.iteration + 1 .. --max-iter``: forward, TrainStep (AMP, non-finite check, SGD, LR,
-    explorer.after_step), rank-0 logs and TensorBoard, periodic checkpoints."""
-    device, model = dist_info.device, state.model
-    ddp = model
-    if dist_info.distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    amp = AmpConfig(enabled=args.amp, device_type=device.type)
-    step = TrainStep(state.optimizer, scaler=state.scaler, explorer=state.explorer, lr_scheduler=state.scheduler,
-                     start_step=state.iteration)
-    writer = TensorBoardWriter(Path(args.output_dir) / "tb", is_main=dist_info.is_main)
-    model.train()
-    batches = iter(loader)  # draws the loader's base seed first, as the uninterrupted run did at iteration 0
-    if len(state.rng) == dist_info.world_size:
-        # Flips and RPN/ROI sampling use the global RNG: restore each rank's stream for an exact resume.
-        restore_rng_state(state.rng[dist_info.rank])
-    tic = time.perf_counter()
-    for images, targets in batches:
-        with amp.autocast():
-            losses = ddp([img.to(device, non_blocking=True) for img in images], _to_device(targets, device))
-        result = step(losses)
-        it = state.iteration = step.step_count
-        lr = state.optimizer.param_groups[0]["lr"]
-        if result.event is not None:
-            ev = result.event
-            logger.info("iter %d: CHEX event delta=%.4f regrown=%d density=%.4f", it, ev.delta, ev.n_regrown,
-                        ev.density)
-            writer.scalars("chex", {"density": ev.density, "delta": ev.delta, "regrown": ev.n_regrown}, it)
-        if it % args.print_freq == 0 or it == args.max_iter:
-            total = sum(result.losses.values())
-            logger.info("iter %d/%d loss %.4f (%s) lr %.5f %.2fs/it", it, args.max_iter, total,
-                        " ".join(f"{k} {v:.4f}" for k, v in result.losses.items()), lr,
-                        (time.perf_counter() - tic) / args.print_freq)
-            writer.scalars("train", {**result.losses, "loss": total, "lr": lr}, it)
-            tic = time.perf_counter()
-        if it % args.checkpoint_period == 0 or it == args.max_iter:
-            manager.save(state.to_checkpoint(args), it)
-    writer.close()
-
-
-def export_compact(model, explorer, args) -> None:
-    """Write the physically pruned model (BN bodies only; a GN body stays dense with zeros, see compact_body)."""
-    if explorer is None or not distributed.is_main_process():
-        return
-    if args.norm == "gn":
-        logger.info("GroupNorm body: no compact export (GN statistics include pruned channels); "
-                    "%s is the dense masked model", FINAL_NAME)
-        return
-    was_training = model.training
-    model.eval()
-    body, spec = compact_body(model, explorer.masks)
-    model.train(was_training)
-    dense_body = model.backbone.body
-    model.backbone.body = body
-    try:
-        sd = model.state_dict()
-    finally:
-        model.backbone.body = dense_body
-    compact = {"model": sd, "body_spec": dict(spec), "iteration": args.max_iter, "args": args_to_dict(args)}
-    path = save_checkpoint(compact, str(Path(args.output_dir) / COMPACT_NAME))
-    logger.info("compact export: %s (%d of %d body params)", path, sum(p.numel() for p in body.parameters()),
-                sum(p.numel() for p in dense_body.parameters()))
+    return run_guarded(parser, body, run_errors=(CheckpointError,))
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(argv, parser)
-    dist_info = distributed.init_distributed()
-    setup_logging(dist_info.is_main)
-    try:
+    if args.check_args:
+        return check_only(parser, args)
+    rt = start_runtime(args)
+    def body():
+        splits = splits_from_args(args)
+        for warning in splits.warnings:
+            logger.warning("%s", warning)
         if args.eval_only:
-            evaluate_checkpoint(args, dist_info)
-        else:
-            train(args, dist_info, parser)
-    except (DataError, CheckpointError, CheckpointMismatchError, NonFiniteLossError) as err:
-        # Worker exceptions arrive with the worker's traceback in the message; its last line names the file.
-        logger.error("%s: %s", type(err).__name__, str(err).strip().splitlines()[-1])
-        return 1
-    finally:
-        distributed.cleanup()
-    return 0
+            evaluate_checkpoint(args, rt.device)
+            return
+        weights = read_eval_checkpoint(args.weights, args.allow_pickle) if args.weights else None
+        args.conventions = resolve_conventions(args, weights)
+        logger.info("training on %s, evaluating on %s, %s conventions", " + ".join(s.name for s in splits.train),
+                    splits.test.name, args.conventions)
+        dataset = build_instances(splits.train, train=True, box_convention=args.conventions)
+        run = Run(SegTask(args, dataset, weights), args, rt, args.output_dir, print_freq=args.print_freq)
+        run.setup()
+        run.train()
 
+    # worker exceptions arrive with the worker's traceback in the message: one_line keeps its last line
+    return run_guarded(parser, body, run_errors=(DataError, CheckpointError, CheckpointMismatchError,
+                                                 NonFiniteLossError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,9 @@
 """Helpers shared by the benchmark scripts: timing, FLOPs targeting for the explorer, machine description.
 
-Nothing here prunes, regrows or allocates channels: those decisions stay in ``chex_core``. This module only *asks*
+Nothing here prunes, regrows, allocates channels or counts FLOPs: those stay in ``chex_core``. This module only *asks*
 ``chex_core`` what a given global sparsity would produce (``chex_core.allocate.keep_counts`` is the same function the
-explorer calls at an event) and measures the resulting MACs with ``chex_core.count_macs``, so a script can choose the
-sparsity that lands on a FLOPs budget.
+explorer calls at an event) and what it costs (``chex_core.budget.MacsModel``), so a script can choose the sparsity
+that lands on a FLOPs budget.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from chex_core import ChannelExplorer, ChannelGroup, apply_width_spec, count_macs
+from chex_core import ChannelExplorer, ChannelGroup
 from chex_core.allocate import keep_counts, uniform_keep_counts
+from chex_core.budget import MacsModel
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +48,26 @@ def machine_info() -> dict:
 
 
 class WidthMacs:
-    """MACs (``chex_core.count_macs``, paper convention) of ``model`` rebuilt to a width per group.
+    """MACs (paper convention) of ``model`` with one width per channel group, as a function of the widths.
 
-    The widths are applied to a fresh deep copy with ``chex_core.apply_width_spec``, so the count is that of the
-    physically smaller network; it equals ``count_macs`` of the masked dense model with those widths (downsample
-    groups are never narrowed by ``compact_model`` and are not passed here).
+    This is ``chex_core.budget.MacsModel`` (one probe forward, then analytic: the same count as ``count_macs`` of the
+    masked or the compact model) keyed by the order of ``groups``; downsample groups are never narrowed and are left
+    out. ``model`` is left untouched.
 
     Args:
-        model: a dense model (left untouched).
-        groups: its inner channel groups (e.g. ``resnet_groups(model)``).
+        model: a dense model.
+        groups: its channel groups (e.g. ``resnet_groups(model)``, or ``resnet_groups(model, residual=True)``: the
+            residual streams narrow too).
         input_size: ``(C, H, W)`` of one image.
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], input_size: Sequence[int]) -> None:
-        self.template = copy.deepcopy(model).cpu().float()
         self.groups = [g for g in groups if g.kind != "downsample"]
-        self.input_size = tuple(input_size)
-        self.dense = count_macs(self.template, self.input_size, zero_aware=False)
-        self._cache: dict[tuple[int, ...], int] = {}
+        self.macs_model = MacsModel(copy.deepcopy(model).cpu().float(), self.groups, tuple(input_size))
+        self.dense = self.macs_model.dense()
 
     def __call__(self, widths: Sequence[int]) -> int:
-        key = tuple(int(w) for w in widths)
-        if key not in self._cache:
-            small = apply_width_spec(copy.deepcopy(self.template), {g.producer: w for g, w in zip(self.groups, key)})
-            self._cache[key] = count_macs(small, self.input_size, zero_aware=False)
-        return self._cache[key]
+        return self.macs_model.macs({g.name: int(w) for g, w in zip(self.groups, widths)})
 
 
 def bisect_sparsity(widths_for: Callable[[float], Sequence[int]], macs_of: Callable[[Sequence[int]], int],
@@ -112,7 +108,7 @@ def retarget_explorer(explorer: ChannelExplorer, macs_of: WidthMacs, target: flo
     schedule's ``sparsity`` field changes (δ0, ΔT and T_max stay); S never drops below δ0 (the schedule requires it).
     """
     ex = explorer
-    gammas = [ex.model.get_submodule(g.norm).weight.detach().cpu() * ex.masks[g.name] for g in ex.groups]
+    gammas = [t.detach().cpu() for t in ex.importances()]     # |γ|·mask; a residual group's mean |γ| over its norms
 
     def widths_for(s: float) -> list[int]:
         return keep_counts(ex.allocation, gammas, s, ex.min_channels)

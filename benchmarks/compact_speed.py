@@ -1,6 +1,8 @@
 """Dense ResNet vs CHEX-compacted ResNets: FLOPs ratio next to measured speed-up, all in one run.
 
-How the compact models are made (no ImageNet and no downloads here, so the widths come from a short CHEX run):
+Widths: ``--widths-from FILE`` times the widths in a width-spec file — ``benchmarks/widths/resnet50_digits.json`` holds
+widths from CHEX training (``benchmarks/width_specs.py``), and the README's table uses them. Without it, the widths
+come from a short CHEX run on random data, made as follows (no ImageNet and no downloads here):
   1. ``torchvision.models.<arch>(weights=None)`` with seed ``--seed``; ``chex_core.resnet_groups`` (inner groups:
      Bottleneck conv1 and conv2; block outputs, stem, downsample and fc stay dense, as in the paper).
   2. For each budget (``--budgets``, G MACs at 224 px, ``chex_core.count_macs`` = the paper's convention; defaults
@@ -19,6 +21,10 @@ How the compact models are made (no ImageNet and no downloads here, so the width
   Caveat: on random data γ barely moves in a few steps, so the global allocation mostly follows the explorer's
   random-init starting point and CSS choices — the widths are real CHEX masks at the right budget, but not the
   per-layer widths an ImageNet-trained CHEX run would pick. Latency depends on those widths.
+  5. With ``--residual`` (default on) every budget is also explored with the residual streams as coupled groups
+     (``--chex-residual``, docs/algorithm.md §2.1): row ``chex-res-<budget>``, same budget, same procedure, so the two
+     kinds of compact model are timed side by side at equal MACs. With ``--widths-from`` those rows come from the
+     file's ``chex-res-*`` entries (``benchmarks/width_specs.py train --residual``), and are skipped when it has none.
 
 What is measured, side by side (every model in every round, rounds interleaved so machine-load drift hits all models
 alike; the speed-up is the dense model's median time over the compact one's, both from this run):
@@ -50,6 +56,7 @@ if __package__ in (None, ""):          # run as a script: make `benchmarks._comm
 
 from benchmarks._common import (WidthMacs, bisect_sparsity, machine_info, retarget_explorer, sync,  # noqa: E402
                                 uniform_widths)
+from benchmarks.width_specs import WidthSpecError, load_specs  # noqa: E402
 from chex_core import (ChannelExplorer, ExplorationSchedule, apply_width_spec, compact_model,  # noqa: E402
                        count_macs, count_params, resnet_groups)
 
@@ -58,18 +65,20 @@ log = logging.getLogger("compact_speed")
 FLOPS_SIZE = (3, 224, 224)          # the paper's FLOPs convention, whatever resolution the timing uses
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 _MASK_INFO = ("sparsity_initial", "sparsity_final", "events", "masked_macs", "macs_error", "compact_vs_masked_rel_err",
-              "width_spec")
+              "width_spec", "sparsity", "compact_top1", "epochs", "image_size", "command")
 
 
-def chex_masks(arch: str, budget_macs: float, args: argparse.Namespace) -> tuple[nn.Module, list, dict, dict]:
-    """Short CHEX run on random data that lands on ``budget_macs`` (see the module docstring, steps 1–3).
+def chex_masks(arch: str, budget_macs: float, args: argparse.Namespace,
+               residual: bool = False) -> tuple[nn.Module, list, dict, dict]:
+    """Short CHEX run on random data that lands on ``budget_macs`` (see the module docstring, steps 1–3); with
+    ``residual`` the residual streams are explored too (``resnet_groups(model, residual=True)``).
 
     Returns:
         (masked dense model in eval mode, groups, masks, info) — info holds S, events, achieved MACs.
     """
     torch.manual_seed(args.seed)
     model = getattr(torchvision.models, arch)(weights=None)
-    groups = resnet_groups(model)
+    groups = resnet_groups(model, residual=residual)
     macs_of = WidthMacs(model, groups, FLOPS_SIZE)
     s0, _ = bisect_sparsity(lambda s: uniform_widths(groups, s), macs_of, budget_macs)
     k = args.mask_steps_per_event
@@ -168,6 +177,19 @@ def table(rows: list[dict], cols: list[tuple[str, str, int, str]]) -> str:
     return "\n".join(out)
 
 
+def _widths_note(args: argparse.Namespace) -> str:
+    """Where the timed widths came from (one line for the report)."""
+    if not args.widths_from:
+        return (f"Widths: a short CHEX run on random {args.mask_image_size} px images ({args.mask_events} events of "
+                f"{args.mask_steps_per_event} SGD steps), S bisected onto each budget.")
+    prov = getattr(args, "widths_provenance", {}) or {}
+    first = next(iter(args.reused.values()), {})
+    how = prov.get("what", "")
+    if first.get("epochs"):
+        how += f"; {first['epochs']} epochs at {first.get('image_size')} px, e.g. `{first.get('command', '')}`"
+    return f"Widths: `{args.widths_from}`" + (f" ({how})." if how else ".")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet50", choices=ARCHS, help="torchvision architecture (default resnet50)")
@@ -196,7 +218,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wall: elapsed time; cpu: this process's CPU time with 1 torch thread, a load-independent "
                         "compute cost for a shared machine (CPU only; default wall)")
     p.add_argument("--widths-from", type=Path, default=None,
-                   help="reuse the CHEX width specs saved in this compact_speed JSON instead of a new mask run")
+                   help="time the widths in this file instead of a new mask run on random data: a width-spec JSON "
+                        "(benchmarks/width_specs.py; benchmarks/widths/resnet50_digits.json holds widths from CHEX "
+                        "training) or an earlier compact_speed result JSON")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time, per budget, a model explored with the residual streams as coupled groups "
+                        "(--chex-residual; rows chex-res-<budget>): from a mask run, or with --widths-from from the "
+                        "file's chex-res-* entries when it has them (default: on)")
     p.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="also time each CHEX model with every pruned width rounded up to a multiple of N (the "
                         "--round-to training option's effect; default 1 = off)")
@@ -240,11 +268,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.reused = {}
     if args.widths_from is not None:
         try:
-            saved = json.loads(args.widths_from.read_text())
-            args.reused = {r["model"]: r for r in saved["rows"] if "width_spec" in r}
-            arch = saved["meta"]["arch"]
-        except (ValueError, KeyError, TypeError):
-            p.error(f"--widths-from: {args.widths_from} is not a compact_speed JSON")
+            saved = load_specs(args.widths_from)
+        except WidthSpecError as exc:
+            p.error(f"--widths-from: {exc}")
+        args.reused, arch, args.widths_provenance = saved["specs"], saved["arch"], saved["provenance"]
         if arch != args.arch:
             p.error(f"--widths-from: {args.widths_from} holds {arch} widths, not --arch {args.arch}")
         missing = [f"chex-{b:g}G" for b in args.budgets if f"chex-{b:g}G" not in args.reused]
@@ -266,15 +293,22 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     dense = getattr(torchvision.models, args.arch)(weights=None).eval()
     models, info = {"dense": dense}, {"dense": {}}
-    for b in args.budgets:
+    jobs = [(b, res) for b in args.budgets for res in ((False, True) if args.residual else (False,))]
+    if args.widths_from and args.residual:          # one table, one source of widths: no random-data rows mixed in
+        absent = [f"chex-res-{b:g}G" for b in args.budgets if f"chex-res-{b:g}G" not in args.reused]
+        if absent:
+            log.warning("%s has no %s: those residual-group rows are skipped (make them with "
+                        "benchmarks/width_specs.py train --residual)", args.widths_from, absent)
+        jobs = [(b, res) for b, res in jobs if not res or f"chex-res-{b:g}G" in args.reused]
+    for b, residual in jobs:
         t = time.perf_counter()
-        name = f"chex-{b:g}G"
-        if args.widths_from:
+        name = f"chex-{'res-' if residual else ''}{b:g}G"
+        if name in args.reused:
             minfo = {k: v for k, v in args.reused[name].items() if k in _MASK_INFO}
-            spec, groups = minfo["width_spec"], resnet_groups(dense)
+            spec, groups = minfo["width_spec"], resnet_groups(dense, residual=residual)
             minfo["widths_from"] = str(args.widths_from)
         else:
-            masked, groups, masks, minfo = chex_masks(args.arch, b * 1e9, args)
+            masked, groups, masks, minfo = chex_masks(args.arch, b * 1e9, args, residual)
             small, spec = compact_model(masked, groups, masks)
             small.eval()
             x = torch.randn(2, 3, args.mask_image_size, args.mask_image_size)
@@ -286,15 +320,18 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(args.seed)
         small = apply_width_spec(getattr(torchvision.models, args.arch)(weights=None), spec).eval()
         minfo["compact_macs"] = count_macs(small, FLOPS_SIZE)
+        inner = {g.name: g.size for g in groups if g.kind == "inner"}
         minfo["keep_fraction_per_stage"] = {
-            stage: round(sum(w for n, w in spec.items() if n.startswith(stage)) /
-                         sum(g.size for g in groups if g.producer.startswith(stage) and g.kind == "inner"), 3)
+            stage: round(sum(w for n, w in spec.items() if n in inner and n.startswith(stage)) /
+                         sum(size for n, size in inner.items() if n.startswith(stage)), 3)
             for stage in ("layer1", "layer2", "layer3", "layer4")}
+        minfo["keep_fraction_residual"] = {g.name: round(spec[g.name] / g.size, 3) for g in groups
+                                           if g.kind == "residual" and g.name in spec}
         minfo["width_spec"] = spec
         models[name], info[name] = small, minfo
         if args.round_to > 1:
             # the same widths rounded up to multiples of N (what --round-to N would have kept), capped at dense
-            sizes = {g.producer: g.size for g in groups if g.kind == "inner"}
+            sizes = {g.name: g.size for g in groups if g.kind != "downsample"}
             rspec = {n: min(sizes[n], -(-w // args.round_to) * args.round_to) for n, w in spec.items()}
             torch.manual_seed(args.seed)
             rsmall = apply_width_spec(getattr(torchvision.models, args.arch)(weights=None), rspec).eval()
@@ -302,10 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
             models[rname] = rsmall
             info[rname] = {**minfo, "width_spec": rspec, "round_to": args.round_to,
                            "compact_macs": count_macs(rsmall, FLOPS_SIZE)}
-        log.info("%s: S %.3f → %.3f, %d events, MACs %.3f G (%+.2f %% vs budget), compact vs masked rel. err %.1e, "
-                 "keep per stage %s (%.0f s)", name, minfo["sparsity_initial"], minfo["sparsity_final"],
-                 minfo["events"], minfo["compact_macs"] / 1e9, 100 * minfo["macs_error"],
-                 minfo["compact_vs_masked_rel_err"], minfo["keep_fraction_per_stage"], time.perf_counter() - t)
+        minfo["macs_error"] = minfo["compact_macs"] / (b * 1e9) - 1
+        log.info("%s: MACs %.3f G (%+.2f %% vs budget), keep per stage %s, residual streams %s (%.0f s)%s", name,
+                 minfo["compact_macs"] / 1e9, 100 * minfo["macs_error"], minfo["keep_fraction_per_stage"],
+                 minfo["keep_fraction_residual"], time.perf_counter() - t, "" if args.widths_from else
+                 f"; S {minfo['sparsity_initial']:.3f} → {minfo['sparsity_final']:.3f}, {minfo['events']} events, "
+                 f"compact vs masked rel. err {minfo['compact_vs_masked_rel_err']:.1e}")
         if abs(minfo["macs_error"]) > args.flops_tol:
             log.warning("%s misses its budget by %+.2f %% (tolerance %.0f %%)", name, 100 * minfo["macs_error"],
                         100 * args.flops_tol)
@@ -350,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     what = "process CPU time (1 thread)" if args.clock == "cpu" else "wall time"
     md = [f"{args.arch} at {args.image_size} px on {where}; timing = {what}; FLOPs = `chex_core.count_macs` at 224 px; speed-up = "
           f"dense time / model time, medians of {args.rounds} interleaved rounds in this one run; 1-min load average "
-          f"{load_before} before / {meta['loadavg_1m_after']} after.", "", table(rows, cols)]
+          f"{load_before} before / {meta['loadavg_1m_after']} after.", "", _widths_note(args), "", table(rows, cols)]
     if sweep_times:
         md += ["", "AMP (fp16, channels_last) batch sweep, images/s (speed-up vs dense):", "",
                "| model | " + " | ".join(f"b{b}" for b in sorted(set(args.sweep))) + " |",

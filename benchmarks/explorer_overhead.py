@@ -1,6 +1,7 @@
 """What CHEX costs on top of training: mask re-application per step, and one prune/regrow event per ΔT.
 
-Measured side by side in one run on ResNet-50 (torchvision layout, the official 32 inner groups):
+Measured side by side in one run on ResNet-50 (torchvision layout, the official 32 inner groups; ``--residual`` adds
+the 5 residual-stream groups):
   - a plain training step (forward + backward + SGD momentum step), median of ``--steps``;
   - ``explorer.apply_masks(optimizer)`` (runs after every optimizer step), median of many repetitions;
   - one full exploration event (CSS + MRU restore + importance regrowth + re-allocation), median of ``--events``.
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--criterion", default="qr", choices=["qr", "leverage", "l1"], help="CSS criterion")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--amp", action="store_true", help="autocast fp16 (cuda) / bf16 (cpu) for the training step")
+    p.add_argument("--residual", action="store_true",
+                   help="also explore the residual streams as coupled groups (--chex-residual): bigger CSS matrices "
+                        "(every producer of a stream side by side) and more masked tensors")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (resnet18, 64 px, batch 4)")
     args = p.parse_args(argv)
     if args.quick:
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.arch)().to(device)
-    groups = resnet_groups(model)
+    groups = resnet_groups(model, residual=args.residual)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.875, weight_decay=3e-5)
     ex = ChannelExplorer(model, groups, ExplorationSchedule(2, 180, 0.7, 0.3, steps_per_unit=1000),
                          criterion=args.criterion)
@@ -83,13 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
     steps_per_epoch = IMAGENET_TRAIN / args.batch
     result = {
         "arch": args.arch, "device": str(device), "batch": args.batch, "image_size": args.image_size,
-        "amp": args.amp, "criterion": args.criterion, "threads": torch.get_num_threads(),
+        "amp": args.amp, "criterion": args.criterion, "residual": args.residual, "threads": torch.get_num_threads(),
         "step_s": step_s, "mask_apply_s": mask_s, "event_s": event_s,
         "mask_share_of_step": mask_s / step_s,
         "event_share_of_epoch": event_s / (step_s * steps_per_epoch),
     }
     print(f"{args.arch} on {device} ({torch.get_num_threads()} threads), batch {args.batch}, {args.image_size} px, "
-          f"amp={args.amp}, criterion={args.criterion}")
+          f"amp={args.amp}, criterion={args.criterion}, residual groups={args.residual}")
     print(f"  training step            {step_s * 1e3:10.1f} ms (median of {args.steps})")
     print(f"  mask re-application      {mask_s * 1e3:10.3f} ms  = {100 * result['mask_share_of_step']:.3f} % of a step")
     print(f"  one exploration event    {event_s:10.3f} s   = {100 * result['event_share_of_epoch']:.5f} % of an "

@@ -1,10 +1,10 @@
 """Budgets by FLOPs instead of by channel sparsity, and channel rounding.
 
 :class:`MacsModel` probes a model once (one batch-1 forward with hooks) and afterwards gives the paper-convention MACs
-of any width assignment analytically: every conv contributes ``k²·H_out·W_out / groups · C_in · C_out`` where ``C_in``
-and ``C_out`` are the widths of the groups it reads and writes (or the dense width). That is exactly
-:func:`chex_core.count_macs` of the masked model (zero-aware) and of the compact one, without a forward pass, so a
-bisection over the global ranking can hit a FLOPs target to within one channel.
+of any width assignment analytically: every conv contributes ``k²·H_out·W_out / groups · C_in · C_out`` (a linear
+layer ``rows · C_in · C_out``) where ``C_in`` and ``C_out`` are the widths of the groups it reads and writes (or the
+dense width). That is exactly :func:`chex_core.count_macs` of the masked model (zero-aware) and of the compact one,
+without a forward pass, so a bisection over the global ranking can hit a FLOPs target to within one channel.
 """
 from __future__ import annotations
 
@@ -36,16 +36,24 @@ class MacsModel:
     """Analytic MACs of ``module`` as a function of the groups' widths.
 
     Args:
-        module: the module the groups' names refer to (whole classifier, SSD backbone, Mask R-CNN body).
+        module: the module the groups' names refer to (whole classifier, SSD, Mask R-CNN, or a backbone).
         groups: its channel groups.
         input_size: ``(C, H, W)`` of the image the FLOPs are quoted at (224 px for ImageNet, 300 px for SSD).
+        within: dotted path of the sub-module whose MACs are counted and that is run on the image (``"backbone"``,
+            ``"backbone.body"``: the papers quote detection/segmentation FLOPs of the backbone only); default the
+            whole ``module``. Layers outside it (an FPN lateral reading a residual group) do not count.
+
+    A residual group's width enters every conv that writes or reads the stream (and the classifier), each through
+    its own term, so narrowing one residual group is credited in all of them.
     """
 
-    def __init__(self, module: nn.Module, groups: Sequence[ChannelGroup], input_size: Sequence[int]) -> None:
+    def __init__(self, module: nn.Module, groups: Sequence[ChannelGroup], input_size: Sequence[int], *,
+                 within: str = "") -> None:
         layouts = model_layout(groups)
         out_of = {m: lay.name for lay in layouts for m in lay.modules("producer")}
         in_of = {m: lay.name for lay in layouts for m in lay.modules("consumer")}
         self.sizes = {g.name: g.size for g in groups}
+        self.residual = any(g.kind == "residual" for g in groups)
         terms: list[_Term] = []
         hooks = []
 
@@ -56,20 +64,22 @@ class MacsModel:
                     terms.append(_Term(coeff, in_of.get(name), m.in_channels, out_of.get(name), m.out_channels))
                 else:
                     rows = out.numel() / out.shape[0] / m.out_features
-                    terms.append(_Term(rows, None, m.in_features, None, m.out_features))
+                    terms.append(_Term(rows, in_of.get(name), m.in_features, None, m.out_features))
             return fn
 
-        for name, m in module.named_modules():
+        probe = module.get_submodule(within) if within else module
+        prefix = f"{within}." if within else ""
+        for name, m in probe.named_modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                hooks.append(m.register_forward_hook(hook(name)))
-        was_training = module.training
-        module.eval()
-        p = next(module.parameters())
+                hooks.append(m.register_forward_hook(hook(prefix + name)))
+        was_training = probe.training
+        probe.eval()
+        p = next(probe.parameters())
         try:
             with torch.no_grad():
-                module(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+                probe(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
         finally:
-            module.train(was_training)
+            probe.train(was_training)
             for h in hooks:
                 h.remove()
         self.terms = terms
@@ -161,9 +171,10 @@ def sparsity_for_macs(model: MacsModel, target: int, min_channels: int = 1, roun
     if target >= dense:
         raise ValueError(f"FLOPs target {target / 1e9:.3f} G is not below the dense model's {dense / 1e9:.3f} G")
     if target < floor:
+        never = "only the image input and the classifier's outputs are fixed" if model.residual else \
+            "stem, residual stream and classifier are not explored; --chex-residual explores the residual stream"
         raise ValueError(f"FLOPs target {target / 1e9:.3f} G cannot be met: with every prunable layer at "
-                         f"{min_channels} channel(s) the model still needs {floor / 1e9:.3f} G (stem, residual "
-                         "stream and classifier are never pruned)")
+                         f"{min_channels} channel(s) the model still needs {floor / 1e9:.3f} G ({never})")
     names = list(model.sizes)
     ones = [torch.ones(model.sizes[n]) for n in names]
     counts, _ = keep_counts_for_macs("uniform", ones, names, model, target, min_channels, round_to)

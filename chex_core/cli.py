@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -55,7 +56,14 @@ def add_chex_args(parser: argparse.ArgumentParser, *, unit: str = "epochs", defa
                    help="minimum number of channels every pruned layer keeps (default 1)")
     g.add_argument("--chex-prune-downsample", action="store_true",
                    help="also mask the residual downsample convs, as the official ResNet-50 code does; a compact "
-                        "model keeps them full width, so this only changes the zero-aware FLOPs count")
+                        "model keeps them full width, so this only changes the zero-aware FLOPs count (cannot be "
+                        "combined with --chex-residual, which narrows them as part of the residual stream)")
+    g.add_argument("--chex-residual", action="store_true",
+                   help="also explore the residual stream (beyond upstream): each stage's stem/downsample and "
+                        "block-output convs form one coupled channel group, read by every block, the next stage "
+                        "and the classifier or the task's head/neck; reaches far smaller FLOPs budgets and "
+                        "narrows the compact model's whole stream (default: block-internal channels only, as "
+                        "upstream)")
     g.add_argument("--target-flops", default=None, metavar="FLOPS",
                    help="budget by FLOPs instead of --channel_sparsity: e.g. 2G, 500M, 2e9, or a fraction of the "
                         "dense model such as 0.5 (paper convention: multiply-accumulates of one image). The channel "
@@ -79,9 +87,12 @@ def validate_chex_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     """Exit with status 2 and one line naming the flag if a CHEX flag is out of range."""
     if not 0.0 <= args.channel_sparsity < 1.0:
         parser.error(f"--channel_sparsity must be in [0, 1), got {args.channel_sparsity}")
-    if not 0.0 <= args.init_channel_ratio <= args.channel_sparsity:
+    if args.target_flops is None and not 0.0 <= args.init_channel_ratio <= args.channel_sparsity:
         parser.error(f"--init_channel_ratio must be in [0, --channel_sparsity={args.channel_sparsity}], "
                      f"got {args.init_channel_ratio}")
+    if args.target_flops is not None and not 0.0 <= args.init_channel_ratio < 1.0:
+        # the sparsity comes from the target, known once the model exists: explorer_from_args checks against it
+        parser.error(f"--init_channel_ratio must be in [0, 1), got {args.init_channel_ratio}")
     if args.delta_T < 1:
         parser.error(f"--delta_T must be >= 1, got {args.delta_T}")
     if args.T_max < args.delta_T:
@@ -92,6 +103,9 @@ def validate_chex_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--compact-training needs --grow_prune (there are no pruned channels to remove)")
     if args.round_to < 1:
         parser.error(f"--round-to must be >= 1, got {args.round_to}")
+    if getattr(args, "chex_residual", False) and getattr(args, "chex_prune_downsample", False):
+        parser.error("--chex-prune-downsample cannot be combined with --chex-residual: the residual groups already "
+                     "explore the downsample convs (narrowably, as part of their stage's stream)")
     if args.target_flops is not None:
         try:
             parse_flops(args.target_flops, 1)
@@ -99,9 +113,14 @@ def validate_chex_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             parser.error(f"--target-flops: {e}")
 
 
-def groups_from_args(args: argparse.Namespace, model: nn.Module) -> list[ChannelGroup]:
-    """The model's channel groups, with the downsample convs when ``--chex-prune-downsample`` is set."""
-    return resnet_groups(model, include_downsample=bool(getattr(args, "chex_prune_downsample", False)))
+def groups_from_args(args: argparse.Namespace, model: nn.Module, *, within: str = "",
+                     stage_consumers: Mapping[str, Sequence[str]] | None = None) -> list[ChannelGroup]:
+    """The model's channel groups: with the downsample convs when ``--chex-prune-downsample`` is set, with the
+    residual groups when ``--chex-residual`` is (``within`` and ``stage_consumers`` as in
+    :func:`chex_core.resnet_groups`; ``stage_consumers`` is only used with ``--chex-residual``)."""
+    residual = bool(getattr(args, "chex_residual", False))
+    return resnet_groups(model, include_downsample=bool(getattr(args, "chex_prune_downsample", False)),
+                         residual=residual, within=within, stage_consumers=stage_consumers if residual else None)
 
 
 def schedule_from_args(args: argparse.Namespace, steps_per_unit: int) -> ExplorationSchedule:
@@ -111,12 +130,14 @@ def schedule_from_args(args: argparse.Namespace, steps_per_unit: int) -> Explora
 
 def explorer_from_args(args: argparse.Namespace, model: nn.Module, groups: list[ChannelGroup],
                        steps_per_unit: int, input_size: tuple[int, int, int] = (3, 224, 224),
-                       parser: argparse.ArgumentParser | None = None) -> ChannelExplorer | None:
+                       parser: argparse.ArgumentParser | None = None, *,
+                       flops_within: str = "") -> ChannelExplorer | None:
     """A ChannelExplorer configured from the flags, or None when ``--grow_prune`` is off.
 
     With ``--target-flops`` the channel sparsity is derived from the target at ``input_size`` (and written back to
-    ``args.channel_sparsity``); an unreachable target is reported through ``parser.error`` (exit 2) when a parser
-    is given, else as ``ValueError``.
+    ``args.channel_sparsity``); the MACs are those of the sub-module ``flops_within`` (e.g. ``"backbone"``; default
+    the whole ``model``, see :class:`chex_core.budget.MacsModel`). An unreachable target is reported through
+    ``parser.error`` (exit 2) when a parser is given, else as ``ValueError``.
     """
     if not args.grow_prune:
         return None
@@ -129,7 +150,7 @@ def explorer_from_args(args: argparse.Namespace, model: nn.Module, groups: list[
     seed = args.chex_seed if args.chex_seed is not None else (getattr(args, "seed", None) or 0)
     target = macs_model = None
     if args.target_flops is not None:
-        macs_model = MacsModel(model, groups, input_size)
+        macs_model = MacsModel(model, groups, input_size, within=flops_within)
         try:
             target = parse_flops(args.target_flops, macs_model.dense())
             report = sparsity_for_macs(macs_model, target, args.chex_min_channels, args.round_to)

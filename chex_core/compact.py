@@ -1,10 +1,15 @@
 """Physical channel removal: a masked model → a smaller model, plus the width spec that rebuilds it.
 
 ``compact_model`` slices every tensor of every narrowable group, as :mod:`chex_core.layout` lists them: producer
-convs (output rows), norms (entries) and consumer convs (input columns). Downsample groups keep their full width: a
-plain ResNet adds the shortcut to the full residual stream, so a narrowed shortcut cannot be expressed
-(docs/algorithm.md §2); their masked channels stay as zeros. In eval mode the compact model computes exactly what
-the masked model computes (up to float rounding).
+convs (output rows), norms (entries) and consumer convs and linear layers (input columns). A downsample group explored
+on its own keeps its full width: a plain ResNet adds the shortcut to the full residual stream, so a narrowed shortcut
+cannot be expressed (docs/algorithm.md §2); its masked channels stay as zeros. A residual group narrows the whole
+stream at once, shortcut included. In eval mode the compact model computes exactly what the masked model computes
+(up to float rounding).
+
+The width spec is ``{group name: width}``. Internal groups are named after their producer conv (``layer1.0.conv1``,
+as in upstream's ``cfg``); residual groups ``<stage>.residual`` (or ``conv1`` for a stem of its own), which no conv
+is called, so a spec says unambiguously which streams were narrowed.
 
 GroupNorm is rejected: its statistics are taken over groups of channels, so removing channels changes what the
 remaining ones compute (docs/algorithm.md §7.1).
@@ -61,9 +66,25 @@ def _plan(groups: Sequence[ChannelGroup], index: Mapping[str, torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def _new_conv_from(conv: nn.Module, name: str, dims: Mapping[int, torch.Tensor], copy_values: bool) -> nn.Conv2d:
+def _new_linear_from(lin: nn.Linear, dims: Mapping[int, torch.Tensor], copy_values: bool) -> nn.Linear:
+    o = dims.get(0, torch.arange(lin.out_features))
+    i = dims.get(1, torch.arange(lin.in_features))
+    new = nn.Linear(len(i), len(o), lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+    if copy_values:
+        dev = lin.weight.device
+        new.weight.copy_(lin.weight[o.to(dev)][:, i.to(dev)])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[o.to(dev)])
+    return new
+
+
+@torch.no_grad()
+def _new_conv_from(conv: nn.Module, name: str, dims: Mapping[int, torch.Tensor], copy_values: bool) -> nn.Module:
+    if isinstance(conv, nn.Linear):
+        return _new_linear_from(conv, dims, copy_values)
     if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"compact export slices convolutions and norm layers; {name!r} is {type(conv).__name__}")
+        raise ValueError(f"compact export slices convolutions, linear and norm layers; {name!r} is "
+                         f"{type(conv).__name__}")
     o = dims.get(0, torch.arange(conv.out_channels))
     i = dims.get(1, torch.arange(conv.in_channels))
     new = _new_conv(conv, len(i), len(o))
@@ -104,7 +125,8 @@ def _rebuild(model: nn.Module, groups: Sequence[ChannelGroup], index: Mapping[st
 
 def compact_model(model: nn.Module, groups: Sequence[ChannelGroup],
                   masks: Mapping[str, torch.Tensor]) -> tuple[nn.Module, dict[str, int]]:
-    """Return a physically smaller deep copy of ``model`` and its width spec ``{producer name: width}``.
+    """Return a physically smaller deep copy of ``model`` and its width spec ``{group name: width}`` (module
+    docstring).
 
     Args:
         model: the masked dense model (unwrapped); left untouched.
@@ -115,20 +137,46 @@ def compact_model(model: nn.Module, groups: Sequence[ChannelGroup],
              if g.kind != "downsample" and g.name in masks}
     small = copy.deepcopy(model)
     _rebuild(small, groups, index, copy_values=True)
-    spec = {g.producer: int(index[g.name].numel()) for g in groups if g.name in index}
+    spec = {g.name: int(index[g.name].numel()) for g in groups if g.name in index}
     return small, spec
 
 
-def apply_width_spec(model: nn.Module, spec: Mapping[str, int]) -> nn.Module:
-    """Rebuild a freshly built dense ``model`` (in place) to the widths in ``spec`` so a compact state_dict loads
-    strictly. Unknown names in ``spec`` raise ``ValueError``."""
-    groups = {g.producer: g for g in resnet_groups(model)}
-    unknown = sorted(set(spec) - set(groups))
+def _spec_groups(model: nn.Module, spec: Mapping[str, int]) -> list[ChannelGroup]:
+    """The groups a spec can name on a whole torchvision-style classifier: the internal ones, plus the residual ones
+    when the spec names any group that is not internal."""
+    groups = resnet_groups(model)
+    if set(spec) <= {g.name for g in groups}:
+        return groups
+    try:
+        return resnet_groups(model, residual=True)
+    except ValueError:
+        return groups           # reported below as unknown names
+
+
+def apply_width_spec(model: nn.Module, spec: Mapping[str, int],
+                     groups: Sequence[ChannelGroup] | None = None) -> nn.Module:
+    """Rebuild a freshly built dense ``model`` (in place) to the widths in ``spec`` (from :func:`compact_model`)
+    so a compact state_dict loads strictly.
+
+    Args:
+        model: the dense network.
+        spec: ``{group name: width}``; groups it does not name keep their full width.
+        groups: the model's channel groups, as built for the run that wrote the spec (needed when residual groups
+            have consumers outside the ResNet, e.g. ``resnet_groups(ssd, residual=True, within="backbone",
+            stage_consumers=...)``). Default: found on ``model`` itself, residual ones included when the spec names
+            any (a whole classifier).
+
+    Raises:
+        ValueError: ``spec`` names a group the model does not have, or a width outside ``[1, size]``.
+    """
+    by_name = {g.name: g for g in (_spec_groups(model, spec) if groups is None else groups)
+               if g.kind != "downsample"}
+    unknown = sorted(set(spec) - set(by_name))
     if unknown:
         raise ValueError(f"width spec names layers this model does not have as prunable groups: {unknown[:5]}")
     for name, w in spec.items():
-        if not 1 <= int(w) <= groups[name].size:
-            raise ValueError(f"width spec gives {name!r} {w} channels; it must be in [1, {groups[name].size}]")
-    index = {groups[n].name: torch.arange(int(w)) for n, w in spec.items()}
-    _rebuild(model, [groups[n] for n in spec], index, copy_values=False)
+        if not 1 <= int(w) <= by_name[name].size:
+            raise ValueError(f"width spec gives {name!r} {w} channels; it must be in [1, {by_name[name].size}]")
+    index = {n: torch.arange(int(w)) for n, w in spec.items()}
+    _rebuild(model, [by_name[n] for n in spec], index, copy_values=False)
     return model

@@ -15,7 +15,9 @@ geqp3 breaks those ties by position, leverage scores give null-space columns wei
 "kept" in place of a live one. Given the live set, :func:`select_channels` therefore runs the criterion on the live
 columns only, and when ``k`` exceeds the number of live channels it keeps them all and fills the remainder
 deterministically: the pruned channels whose remembered (MRU) columns are farthest from the span of the live ones
-(the regrowth score of docs/algorithm.md §4, taken greedily instead of sampled), ties to the lower index.
+(the regrowth score of docs/algorithm.md §4, taken greedily instead of sampled), ties to the lower index. Likewise
+among the live columns, past their numerical rank the criterion's picks would be rounding noise; those picks follow
+the L1 order instead (see ``_choose``).
 """
 from __future__ import annotations
 
@@ -68,14 +70,44 @@ def projection_residuals(x: torch.Tensor, kept: torch.Tensor, candidates: torch.
     return (xc - xs @ coef).norm(dim=0)
 
 
+#: singular values / QR diagonal entries below this fraction of the largest count as zero (numerical rank)
+RANK_RTOL = 1e-10
+
+
+def _numerical_rank(magnitudes: np.ndarray) -> int:
+    """Rank from non-increasing ``|R_ii|`` (pivoted QR) or singular values: entries above ``RANK_RTOL`` × the first."""
+    if magnitudes.size == 0 or magnitudes[0] == 0:
+        return 0
+    return int((magnitudes > RANK_RTOL * magnitudes[0]).sum())
+
+
 def _choose(weight: torch.Tensor, x: torch.Tensor, cols: torch.Tensor, k: int, criterion: str) -> torch.Tensor:
-    """``k`` of the columns ``cols`` of ``x`` by ``criterion`` (wide matrices: L1, decided on the full matrix)."""
+    """``k`` of the columns ``cols`` of ``x`` by ``criterion`` (wide matrices: L1, decided on the full matrix).
+
+    Past the numerical rank ``r`` of ``x[:, cols]`` QR residuals and null-space leverage are rounding noise, so a
+    choice made from them would depend on the CPU's kernels and on the shape of the computation (a compact model
+    would choose other channels than the masked one). The criterion therefore picks ``min(k, r)`` columns and the
+    rest follow the L1 order of the remaining ones (the wide-matrix fallback), ties to the lower index."""
+    l1 = l1_scores(weight)
     if criterion == "l1" or x.shape[0] < weight.shape[0]:
-        return cols[_top(l1_scores(weight)[cols], k)]
-    sub = x[:, cols]
+        return cols[_top(l1[cols], k)]
+    sub = np.ascontiguousarray(x[:, cols].numpy())
     if criterion == "qr":
-        return cols[qr_pivots(sub)[:k]]
-    return cols[_top(leverage_scores(sub, k), k)]
+        r_mat, piv = scipy.linalg.qr(sub, mode="r", pivoting=True, check_finite=False)
+        rank = _numerical_rank(np.abs(np.diag(r_mat)))
+        head = torch.from_numpy(np.asarray(piv[:min(k, rank)], dtype=np.int64))
+    else:
+        sv = np.linalg.svd(sub, compute_uv=False)
+        rank = _numerical_rank(sv)
+        r = min(k, rank)
+        head = _top(leverage_scores(x[:, cols], r), r) if r > 0 else torch.zeros(0, dtype=torch.long)
+    if head.numel() == k:
+        return cols[head]
+    rest = torch.ones(cols.numel(), dtype=torch.bool)
+    rest[head] = False
+    rest_idx = rest.nonzero().flatten()
+    fill = rest_idx[_top(l1[cols][rest_idx], k - head.numel())]
+    return cols[torch.cat([head, fill])]
 
 
 def select_channels(weight: torch.Tensor, k: int, criterion: str = "qr", *, live: torch.Tensor | None = None,

@@ -8,8 +8,9 @@ One event, at the start of every ΔT-th unit up to T_max (the order of the offic
 
 0. every tensor the groups live in is checked for NaN/Inf (one error naming the tensors, the same on every rank);
 1. δ_t from the cosine schedule; per-group keep counts at sparsity S (``keep``) and S − δ_t (``active``) from the
-   global ``|γ|`` ranking (or uniform);
-2. CSS on each producer's current (masked) weights chooses the ``keep`` channels among the live ones;
+   global ``|γ|`` ranking (or uniform; a coupled group's channel ranks by the mean ``|γ|`` of its norms);
+2. CSS on each group's current (masked) channel matrix chooses the ``keep`` channels among the live ones (the
+   producer's weight; for a coupled group its producers' weights side by side, :meth:`ChannelExplorer.channel_weight`);
 3. every pruned channel gets its MRU values back (every tensor of the group's :mod:`~chex_core.layout`);
 4. ``active − keep`` channels regrow by importance sampling on the restored weights;
 5. rank 0's masks are broadcast; the values of every channel outside the new masks are stored as the new MRU values;
@@ -34,7 +35,7 @@ from .allocate import ALLOCATIONS, keep_counts, uniform_keep_counts
 from .budget import MacsModel, keep_counts_for_macs
 from .css import CRITERIA, select_channels
 from .groups import ChannelGroup
-from .layout import GroupLayout, model_layout
+from .layout import GroupLayout, model_layout, tensor_dims
 from .masking import MaskCache, fill_regrown_second_moments, liveness
 from .regrow import REGROW_METHODS, regrow_channels
 from .schedule import ExplorationSchedule
@@ -108,10 +109,14 @@ class ChannelExplorer:
         self.round_to, self.target_macs, self.macs_model = int(round_to), target_macs, macs_model
         modules = dict(model.named_modules())
         self.layouts: list[GroupLayout] = model_layout(self.groups)
+        self._layout_of = {lay.name: lay for lay in self.layouts}
         for lay in self.layouts:
             for name in lay.modules():
                 if name not in modules:
                     raise ValueError(f"group {lay.name!r} refers to {name!r}, which is not a module of the model")
+        if len(self._layout_of) != len(self.layouts):
+            raise ValueError("two channel groups have the same name")
+        tensor_dims(self.layouts, narrowable_only=False)       # raises if two groups claim the same channels
         self._mods = modules
         self.masks: dict[str, torch.Tensor] = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         self.mru: dict[str, dict[str, torch.Tensor]] = {}
@@ -180,21 +185,47 @@ class ChannelExplorer:
                 idx = entry["index"].to(t.device)
                 t.index_copy_(s.dim, idx, entry[s.key].to(device=t.device, dtype=t.dtype))
 
-    @torch.no_grad()
-    def _restored_producer(self, lay: GroupLayout) -> torch.Tensor:
-        """The producer weight with every pruned channel's MRU filter put back (a copy; the model is untouched)."""
-        w = self._mods[lay.modules("producer")[0]].weight.detach().clone()
-        entry = self.mru.get(lay.name)
-        if entry is not None and entry["index"].numel():
-            w.index_copy_(0, entry["index"].to(w.device), entry["producer.weight"].to(device=w.device, dtype=w.dtype))
-        return w
+    def _producer_weights(self, lay: GroupLayout, restored: bool) -> list[torch.Tensor]:
+        """Each producer's weight as the model holds it now, or (``restored``) a copy with every pruned channel's
+        MRU filter put back (the model is untouched)."""
+        entry = self.mru.get(lay.name) if restored else None
+        out = []
+        for s in lay.slices:
+            if s.role != "producer" or s.tensor != "weight":
+                continue
+            w = self._mods[s.module].weight.detach()
+            if entry is not None and entry["index"].numel():
+                w = w.clone().index_copy_(0, entry["index"].to(w.device),
+                                          entry[s.key].to(device=w.device, dtype=w.dtype))
+            out.append(w)
+        return out
+
+    def channel_weight(self, group: str | GroupLayout, restored: bool = False) -> torch.Tensor:
+        """The matrix CSS and regrowth read for a group (by name), as a ``(C, …)`` tensor whose row ``j`` describes
+        channel ``j`` (see :func:`chex_core.css.weight_matrix`).
+
+        One producer: its weight itself (so internal groups decide exactly as upstream). Several producers (a
+        coupled residual group): their weights flattened to ``(C, C_in·k·k)``, each divided by its Frobenius norm,
+        side by side — the stacked channel matrix of docs/algorithm.md §2.1. Each producer is followed by its own
+        norm layer, so a conv's weight scale does not change what the network computes; normalising stops the
+        producer with the largest weights from deciding alone. ``restored``: pruned channels carry their MRU
+        filters."""
+        lay = group if isinstance(group, GroupLayout) else self._layout_of[group]
+        weights = self._producer_weights(lay, restored)
+        if len(weights) == 1:
+            return weights[0]
+        blocks = []
+        for w in weights:
+            w = w.reshape(w.shape[0], -1).to("cpu", torch.float64)
+            norm = float(w.norm())
+            blocks.append(w / norm if norm > 0 else w)
+        return torch.cat(blocks, dim=1)
 
     def _select(self, lay: GroupLayout, k: int) -> torch.Tensor:
         """CSS among the live channels; past their number, the fill is ranked on the remembered filters."""
         live = self.masks[lay.name]
-        restored = self._restored_producer(lay) if k > int(live.sum()) else None
-        weight = self._mods[lay.modules("producer")[0]].weight
-        return select_channels(weight, k, self.criterion, live=live, restored=restored)
+        restored = self.channel_weight(lay, restored=True) if k > int(live.sum()) else None
+        return select_channels(self.channel_weight(lay), k, self.criterion, live=live, restored=restored)
 
     @torch.no_grad()
     def _check_finite(self, step: int) -> None:
@@ -257,8 +288,8 @@ class ChannelExplorer:
         sizes = [g.size for g in self.groups]
         counts = self._rounded(uniform_keep_counts(sizes, self.schedule.sparsity - self.schedule.delta0,
                                                    self.min_channels))
-        for g, k in zip(self.groups, counts):
-            keep = select_channels(self._mods[g.producer].weight, k, "l1")
+        for g, lay, k in zip(self.groups, self.layouts, counts):
+            keep = select_channels(self.channel_weight(lay), k, "l1")
             mask = torch.zeros(g.size, dtype=torch.bool)
             mask[keep] = True
             self.masks[g.name] = mask
@@ -271,10 +302,27 @@ class ChannelExplorer:
                  len(self.groups), self.density(), self.schedule.sparsity, self.schedule.delta0,
                  len(self.schedule.event_steps()))
 
+    @torch.no_grad()
+    def importances(self) -> list[torch.Tensor]:
+        """One importance per channel of each group, what the global ranking compares (docs/algorithm.md §5):
+        ``|γ|`` of the group's norm, times the mask (pruned channels are 0). A coupled group has one norm per producer;
+        its channel's importance is the mean of ``|γ|`` over them (docs/algorithm.md §2.1 says why the mean)."""
+        out = []
+        for g in self.groups:
+            mask = self.masks[g.name]
+            if len(g.norms) == 1:
+                w = self._mods[g.norm].weight.detach()
+                out.append(w * mask.to(w.device))
+                continue
+            # at least float32 (a half-precision mean could tie channels), never less than the weights' own
+            gam = torch.stack([self._mods[n].weight.detach().abs() for n in g.norms])
+            gam = gam.to(torch.promote_types(gam.dtype, torch.float32))
+            out.append(gam.mean(dim=0) * mask.to(gam.device))
+        return out
+
     def _budgets(self, delta: float) -> tuple[list[int], list[int]]:
         """Per-group ``keep`` (final budget) and ``active`` (keep + regrowth) counts from the current γ."""
-        gammas = [self._mods[g.norm].weight.detach() * self.masks[g.name].to(self._mods[g.norm].weight.device)
-                  for g in self.groups]
+        gammas = self.importances()
         if self.target_macs is not None:
             keep, sparsity = keep_counts_for_macs(self.allocation, gammas, [g.name for g in self.groups],
                                                   self.macs_model, self.target_macs, self.min_channels,
@@ -300,8 +348,9 @@ class ChannelExplorer:
         self._restore_mru()
         gen = self._generator(step)
         old_masks, n_regrown = dict(self.masks), 0
-        for g, k_idx, k, a in zip(self.groups, kept, keep, active):
-            grown = regrow_channels(self._mods[g.producer].weight, k_idx, a - k, gen, self.regrow)
+        for g, lay, k_idx, k, a in zip(self.groups, self.layouts, kept, keep, active):
+            # after _restore_mru the model holds every pruned channel's remembered values
+            grown = regrow_channels(self.channel_weight(lay), k_idx, a - k, gen, self.regrow)
             n_regrown += grown.numel()
             mask = torch.zeros(g.size, dtype=torch.bool)
             mask[k_idx] = True
@@ -363,7 +412,8 @@ class ChannelExplorer:
         if theirs != ours:
             diff = sorted(set(theirs.items()) ^ set(ours.items()))[:4]
             raise ValueError(f"explorer state does not match the model's channel groups (e.g. {diff}); "
-                             "was it saved for another architecture or with other CHEX options?")
+                             "was it saved for another architecture or with other CHEX options (--chex-residual, "
+                             "--chex-prune-downsample)?")
         for name, m in state["masks"].items():
             if m.numel() != ours[name]:
                 raise ValueError(f"explorer mask for {name!r} has {m.numel()} channels, model has {ours[name]}")

@@ -9,9 +9,9 @@ so they cannot disagree about which tensors a channel touches. A group's entries
   ``running_var`` along dim 0;
 - ``consumer``: a layer that reads the channels as its *input*: ``weight`` along dim 1.
 
-Each role may list several modules. Today's :class:`~chex_core.groups.ChannelGroup` has one producer and one norm and
-any number of consumers; a coupled group (a residual stream written by several convs, see docs/algorithm.md §7.3) will
-list several of each, and everything built on this module already iterates over all of them.
+Each role may list several modules: an internal :class:`~chex_core.groups.ChannelGroup` has one producer and one
+norm; a coupled residual group (a stream written by several convs, docs/algorithm.md §2.1) lists several of each, and
+its consumers may be ``nn.Linear`` layers (the classifier), whose ``weight`` dim 1 is the input like a conv's.
 
 The layout holds names only. Tensors are looked up on the live model each time (:meth:`GroupLayout.resolve`), because
 ``model.to()``, ``model.half()`` and compact rebuilds replace them; a tensor a module does not have (a conv without
@@ -71,8 +71,9 @@ class GroupLayout:
     Attributes:
         name: the group's name.
         size: its number of channels in the dense model.
-        narrowable: whether a compact model may remove its channels (False for a downsample shortcut, whose output
-            is added to the full-width residual stream; such groups stay full width and are masked).
+        narrowable: whether a compact model may remove its channels (False for a downsample shortcut explored on
+            its own, whose output is added to the full-width residual stream; such groups stay full width and are
+            masked). Residual groups are narrowable: every conv adding into the stream narrows with it.
         slices: the slots, producers first, then norms, then consumers.
     """
 

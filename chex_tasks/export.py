@@ -1,15 +1,24 @@
-"""Deployment export of CHEX compact models: a portable checkpoint, ONNX (with onnxruntime parity) and torch.export.
+"""Compact models: the one compact-checkpoint format of CLS, DET and SEG, and deployment exports (ONNX with
+onnxruntime parity, torch.export).
 
-The *compact checkpoint* is the layout CLS/main.py writes as ``compact.pth``: a plain dict, loadable with
-``torch.load(weights_only=True)`` and free of this project's classes, so it can be read anywhere torch exists::
+The *compact checkpoint* is a plain dict, loadable with ``torch.load(weights_only=True)`` and free of this project's
+classes, so it can be read anywhere torch exists::
 
-    {"state_dict": {name: tensor},          # the physically smaller model (CPU tensors)
-     "cfg": {"layer1.0.conv1": 23, ...},     # width spec of chex_core.compact_model: producer conv → kept channels
-     "arch": "resnet50", "num_classes": 1000, "cifar_stem": False, "image_size": 224}
+    {"format": "chex-compact", "version": 1, "task": "CLS",    # which task folder rebuilds the network
+     "state_dict": {name: tensor},           # the whole network, its explored part physically smaller (CPU)
+     "module": "",                           # dotted path of the explored sub-module ("backbone" in DET,
+                                             # "backbone.body" in SEG, "" = the whole model in CLS)
+     "width_spec": {"layer1.0.conv1": 23, ...},  # chex_core.compact_model's spec: channel group (relative to
+                                                 # "module": a producer conv, or a stream "layer2.residual"
+                                                 # after --chex-residual) -> kept channels
+     ...task metadata: CLS "arch", "num_classes", "cifar_stem", "image_size"; DET "backbone", "label_map"...}
 
-A user rebuilds it with ``CLS.model.build_model(arch, num_classes, cifar_stem=...)`` +
-``chex_core.apply_width_spec(model, cfg)`` + a strict ``load_state_dict``. Channel removal itself is
-``chex_core.compact_model``; nothing here re-implements it.
+Rebuild: the task's dense network, ``chex_core.apply_width_spec(model, width_spec, groups=...)`` with the task's
+channel groups found within ``module`` (``CLS``: ``apply_width_spec(model, width_spec)``; DET and SEG:
+``channel_groups(model, residual=True)``, whose streams also narrow the heads or FPN laterals reading them), then a
+strict ``load_state_dict``. :func:`read_compact` also reads the earlier per-task layouts (CLS ``compact.pth``
+``{state_dict, cfg}``, DET ``model_compact.pt`` ``{model, width_spec}``, SEG ``model_compact.pth``
+``{model, body_spec}``). Channel removal itself is ``chex_core.compact_model``; nothing here re-implements it.
 
 Exports (both traced with an example batch ``(B, 3, H, W)`` float32; the batch dimension stays dynamic by default):
 
@@ -26,6 +35,7 @@ import os
 import pickletools
 import zipfile
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,8 +43,9 @@ from torch import nn
 from chex_core.checkpoint import save_checkpoint
 from chex_core.flops import count_macs, count_params, flop_counter_macs
 
-__all__ = ["MIN_OPSET", "DEFAULT_OPSET", "PORTABLE_MODULES", "ExportError", "make_compact_checkpoint",
-           "save_compact_checkpoint", "checkpoint_globals", "assert_portable", "flops_report", "example_input", "export_onnx", "onnx_parity",
+__all__ = ["MIN_OPSET", "DEFAULT_OPSET", "PORTABLE_MODULES", "ExportError", "COMPACT_FORMAT", "CompactFile",
+           "compact_checkpoint", "read_compact", "make_compact_checkpoint", "save_compact_checkpoint",
+           "checkpoint_globals", "assert_portable", "flops_report", "example_input", "export_onnx", "onnx_parity",
            "export_program", "program_parity"]
 
 log = logging.getLogger(__name__)
@@ -51,16 +62,44 @@ class ExportError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- compact checkpoints
+COMPACT_FORMAT = "chex-compact"
+
+
+class CompactFile(NamedTuple):
+    """What :func:`read_compact` found: the whole model's state dict, the width spec and where it applies."""
+
+    state_dict: dict
+    width_spec: dict
+    module: str
+
+
+def compact_checkpoint(model: nn.Module, width_spec: Mapping[str, int], *, task: str, module: str = "",
+                       meta: Mapping | None = None) -> dict:
+    """The compact checkpoint dict of ``model`` (whole network, explored part compact) and its width spec."""
+    return {"format": COMPACT_FORMAT, "version": 1, "task": str(task),
+            # dict(), not the module's OrderedDict with _metadata: only plain containers go into the pickle
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "module": str(module), "width_spec": {str(k): int(v) for k, v in width_spec.items()},
+            **dict(meta or {})}
+
+
+def read_compact(obj: Mapping) -> CompactFile | None:
+    """The compact model in ``obj`` (this format or the earlier CLS/DET/SEG ones), or None if ``obj`` is not one."""
+    if obj.get("format") == COMPACT_FORMAT:
+        return CompactFile(dict(obj["state_dict"]), dict(obj["width_spec"]), str(obj.get("module", "")))
+    for weights, spec, module in (("state_dict", "cfg", ""), ("model", "width_spec", "backbone"),
+                                  ("model", "body_spec", "backbone.body")):
+        if isinstance(obj.get(weights), Mapping) and isinstance(obj.get(spec), Mapping) and obj[spec]:
+            return CompactFile(dict(obj[weights]), dict(obj[spec]), module)
+    return None
+
+
 def make_compact_checkpoint(model: nn.Module, width_spec: Mapping[str, int], *, arch: str, num_classes: int,
                             image_size: int, cifar_stem: bool = False) -> dict:
-    """The compact checkpoint dict (CLS ``compact.pth`` layout) of a model from ``chex_core.compact_model``."""
-    return {
-        # dict(), not the module's OrderedDict with _metadata: only plain containers go into the pickle.
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "cfg": {str(k): int(v) for k, v in width_spec.items()},
-        "arch": str(arch), "num_classes": int(num_classes), "cifar_stem": bool(cifar_stem),
-        "image_size": int(image_size),
-    }
+    """The compact checkpoint of a CLS ResNet from ``chex_core.compact_model``."""
+    return compact_checkpoint(model, width_spec, task="CLS",
+                              meta={"arch": str(arch), "num_classes": int(num_classes), "cifar_stem": bool(cifar_stem),
+                                    "image_size": int(image_size)})
 
 
 def save_compact_checkpoint(ckpt: Mapping, path: str) -> str:

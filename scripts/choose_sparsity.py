@@ -10,6 +10,12 @@ uniform estimate by a few percent; evaluate the trained checkpoint (``CLS/main.p
 
     python scripts/choose_sparsity.py                       # every row of the upstream ImageNet table
     python scripts/choose_sparsity.py --arch resnet50 --target 2.0
+    python scripts/choose_sparsity.py --reach               # what MAC fractions each kind of group can reach
+
+``--reach`` prints, per architecture, the fraction of the dense MACs left when every explored group keeps a share k
+of its channels (uniformly), and the floor (every group at one channel; at eight with ``--round-to 8``), once for
+block-internal groups only (upstream) and once with the residual streams explored too (``--chex-residual``). Computed
+with ``chex_core.budget.MacsModel`` (equal to ``count_macs`` of the compact model).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import torch  # noqa: E402
 
 from chex_core import ChannelExplorer, ExplorationSchedule, compact_model, count_macs, resnet_groups  # noqa: E402
+from chex_core.budget import MacsModel  # noqa: E402
 from CLS.model import build_model  # noqa: E402
 
 # (arch, GMACs) rows of the upstream README table
@@ -62,13 +69,45 @@ def choose(arch: str, target_gmacs: float, image_size: int = 224, tol: float = 1
             "compact": count_macs(small, size, zero_aware=False)}
 
 
+KEEP_SHARES = (0.5, 0.25, 0.1, 0.05)
+
+
+def reach(arch: str, image_size: int = 224) -> dict[str, dict]:
+    """MAC fractions of dense at uniform keep shares and at the floors, internal-only vs with residual groups."""
+    model = build_model(arch, 1000)
+    out = {}
+    for kind, residual in (("internal", False), ("residual", True)):
+        groups = resnet_groups(model, residual=residual)
+        macs = MacsModel(model, groups, (3, image_size, image_size))
+        dense = macs.dense()
+        out[kind] = {"keep": {k: macs.macs({g.name: max(1, round(k * g.size)) for g in groups}) / dense
+                              for k in KEEP_SHARES},
+                     "floor": macs.floor() / dense, "floor_round8": macs.floor(1, 8) / dense}
+    return out
+
+
+def print_reach(archs: list[str], image_size: int) -> None:
+    head = " ".join(f"{'k=' + str(k):>7s}" for k in KEEP_SHARES)
+    print(f"{'arch':10s} {'groups':9s} {head} {'floor':>7s} {'floor/8':>7s}   (fraction of dense MACs)")
+    for arch in archs:
+        for kind, r in reach(arch, image_size).items():
+            cells = " ".join(f"{r['keep'][k]:7.4f}" for k in KEEP_SHARES)
+            print(f"{arch:10s} {kind:9s} {cells} {r['floor']:7.4f} {r['floor_round8']:7.4f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=sorted({a for a, _ in TABLE}), default=None,
                    help="one architecture (default: every row of the upstream table)")
     p.add_argument("--target", type=float, default=None, help="target GMACs at 224x224 (with --arch)")
     p.add_argument("--image-size", type=int, default=224, help="input size of the FLOPs count")
+    p.add_argument("--reach", action="store_true",
+                   help="print the MAC fractions reachable with internal groups only and with residual groups "
+                        "(--chex-residual), for --arch or every architecture of the table")
     args = p.parse_args()
+    if args.reach:
+        print_reach([args.arch] if args.arch else sorted({a for a, _ in TABLE}), args.image_size)
+        return
     if (args.arch is None) != (args.target is None):
         p.error("--arch and --target go together")
     rows = [(args.arch, args.target)] if args.arch else TABLE

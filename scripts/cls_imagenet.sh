@@ -6,6 +6,7 @@
 # Usage: scripts/cls_imagenet.sh ARCH SPARSITY DELTA0 RUN_NAME /data/imagenet [extra CLS/main.py flags]
 #   NPROC=8 (GPUs per node). Multi-node: NNODES=2 NODE_RANK=0|1 RDZV=host:29500 on every node.
 #   Outputs go to runs/RUN_NAME/ (override with --workspace); resume with --resume auto.
+#   torchrun comes from PATH, else from $PYTHON -m torch.distributed.run (PYTHON default: python).
 set -euo pipefail
 ARCH=${1:?usage: $0 ARCH SPARSITY DELTA0 RUN_NAME /path/to/imagenet [extra flags]}
 SPARSITY=${2:?missing SPARSITY}
@@ -20,7 +21,8 @@ else
   LAUNCH=(--standalone)
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-exec torchrun "${LAUNCH[@]}" --nproc_per_node "$NPROC" "$ROOT/CLS/main.py" "$DATA" \
+source "$ROOT/scripts/launcher.sh"
+exec "${TORCHRUN[@]}" "${LAUNCH[@]}" --nproc_per_node "$NPROC" "$ROOT/CLS/main.py" "$DATA" \
   --data-backend pytorch --raport-file raport.json -j8 -p 100 --lr 1.024 --optimizer-batch-size 1024 --warmup 8 \
   --arch "$ARCH" -c fanin --label-smoothing 0.1 --lr-schedule cosine --mom 0.875 --wd 3.0517578125e-05 -b 128 \
   --amp --static-loss-scale 128 --epochs 250 --mixup 0.2 \

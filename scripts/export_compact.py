@@ -4,7 +4,8 @@ against onnxruntime) and a torch.export program (.pt2).
 
 The input is anything CLS/main.py can load (CLS.model.read_weight_file): its ``compact.pth``, one of its training
 checkpoints, an upstream released checkpoint (dense, pruned channels zeroed) or a plain state dict. A masked dense
-model is compacted first with chex_core.compact_model (a channel is pruned when its norm gamma and beta are both zero);
+model is compacted first with chex_core.compact_model (a channel is pruned when its norm gamma and beta are both zero,
+in every norm of a residual stream for --chex-residual runs);
 ``--save-compact`` keeps that compact checkpoint (weights_only-loadable, no project classes in the pickle).
 
 Examples:
@@ -88,11 +89,13 @@ def load_compact(parser: argparse.ArgumentParser, args: argparse.Namespace):
     except cls_model.WeightsError as e:
         parser.error(f"checkpoint: {e}")
     model.eval()
-    groups = resnet_groups(model)
     spec = meta.get("cfg") or cls_model.width_spec_from_state_dict(model, state)
     if not spec:
-        # a dense model whose pruned channels are zeros (training checkpoint / upstream release): remove them
+        # a dense model whose pruned channels are zeros (training checkpoint / upstream release): remove them;
+        # residual streams (--chex-residual runs) only where some channel is zero in every norm of the stream
+        groups = resnet_groups(model, residual=True)
         masks = cls_model.masks_from_zeros(model, groups)
+        groups = [g for g in groups if g.kind != "residual" or not bool(masks[g.name].all())]
         model, spec = compact_model(model, groups, masks)
         model.eval()
         log.info("compacted the masked model: %d of %d prunable channels kept", sum(spec.values()),
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = ex.flops_report(model, input_size)
         log.info("%s compact model at %dx%d: %.4g G MACs (paper 'FLOPs'; FlopCounterMode %.4g G), %.4g M params, "
                  "%d pruned layers", ckpt["arch"], image_size, image_size, rep["macs"] / 1e9,
-                 rep["flop_counter_macs"] / 1e9, rep["params"] / 1e6, len(ckpt["cfg"]))
+                 rep["flop_counter_macs"] / 1e9, rep["params"] / 1e6, len(ckpt["width_spec"]))
         try:
             if args.save_compact:
                 ex.save_compact_checkpoint(ckpt, args.save_compact)

@@ -7,7 +7,8 @@
 # Every process gets RANK / LOCAL_RANK / WORLD_SIZE from torchrun (chex_core.distributed.init_distributed reads
 # them). The rendezvous endpoint is the job's first node; all nodes must reach it on $MASTER_PORT (default 29500).
 # Per-node GPU count: $GPUS_PER_NODE, else Slurm's $SLURM_GPUS_ON_NODE, else 8.
-# Run from the repository root (sbatch keeps the submit directory), or set CHEX_ROOT.
+# Run from the repository root (sbatch keeps the submit directory), or set CHEX_ROOT. torchrun comes from PATH, else
+# from $PYTHON -m torch.distributed.run (PYTHON default: python; see scripts/launcher.sh).
 #
 #SBATCH --job-name=chex
 #SBATCH --nodes=2
@@ -20,6 +21,7 @@ set -euo pipefail
 
 cd "${CHEX_ROOT:-${SLURM_SUBMIT_DIR:-.}}"
 : "${SLURM_NNODES:?not inside a Slurm allocation (submit with sbatch, or run under salloc)}"
+source scripts/launcher.sh
 
 MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')   # awk reads all: no SIGPIPE under pipefail
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -39,7 +41,7 @@ fi
 echo "chex: ${SLURM_NNODES} node(s) x ${GPUS_PER_NODE} process(es), rendezvous ${MASTER}:${MASTER_PORT}" >&2
 # srun starts one launcher per node (--ntasks-per-node=1); --kill-on-bad-exit ends the job when a node fails
 # instead of leaving the others blocked in a collective.
-srun --kill-on-bad-exit=1 torchrun \
+srun --kill-on-bad-exit=1 "${TORCHRUN[@]}" \
     --nnodes "$SLURM_NNODES" \
     --nproc_per_node "$GPUS_PER_NODE" \
     --rdzv_id "${SLURM_JOB_ID:-chex}" \

@@ -1,10 +1,89 @@
-"""Shared fixtures: tiny torchvision-style ResNets (same module names as torchvision) for fast CPU tests."""
+"""Shared fixtures: tiny torchvision-style ResNets (same module names as torchvision) for fast CPU tests; and the
+CPU/GPU split of the suite.
+
+Every test checks CPU semantics, also on a machine with a GPU: code under test picks CUDA whenever
+``torch.cuda.is_available()``, so an unhidden GPU would silently test other kernels (TF32, cuDNN) and other code paths
+(fp16 + GradScaler instead of bf16). So CUDA is hidden for the whole session, twice over:
+
+- in this process, ``torch.cuda.is_available`` / ``device_count`` (and ``torch.accelerator``'s) are patched: CUDA may
+  already be initialised here (by a ``gpu`` test), after which ``CUDA_VISIBLE_DEVICES`` no longer has any effect;
+- for child processes (CLI, torchrun, ``mp.spawn`` tests), ``CUDA_VISIBLE_DEVICES`` is set to the empty string, which
+  they inherit.
+
+Tests marked ``gpu`` get the real functions and the user's ``CUDA_VISIBLE_DEVICES`` back for their duration, and are
+skipped with the reason when torch sees no GPU.
+"""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+_NO_CUDA = {"is_available": lambda: False, "device_count": lambda: 0}
+_NO_ACCELERATOR = {"is_available": lambda: False, "device_count": lambda: 0,
+                   "current_accelerator": lambda *args, **kwargs: None}
+
+
+class _CudaHider:
+    """Hides CUDA from this process and its children; ``reveal()`` undoes it for one ``gpu`` test."""
+
+    def __init__(self) -> None:
+        self.patch: pytest.MonkeyPatch | None = None
+
+    def hide(self) -> None:
+        if self.patch is not None:
+            return
+        self.patch = pytest.MonkeyPatch()
+        self.patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        for name, fake in _NO_CUDA.items():
+            self.patch.setattr(torch.cuda, name, fake)
+        accelerator = getattr(torch, "accelerator", None)
+        for name, fake in _NO_ACCELERATOR.items():
+            if accelerator is not None and hasattr(accelerator, name):
+                self.patch.setattr(accelerator, name, fake)
+
+    def reveal(self) -> None:
+        if self.patch is not None:
+            self.patch.undo()
+            self.patch = None
+
+
+_HIDER = _CudaHider()
+
+
+def pytest_configure(config):
+    _HIDER.hide()           # before collection: test modules may ask torch.cuda at import time
+
+
+def pytest_unconfigure(config):
+    _HIDER.reveal()
+
+
+def _gate(item, hider: _CudaHider) -> None:
+    """CPU tests: CUDA hidden. ``gpu`` tests: CUDA as the machine has it, or a skip that says why."""
+    if item.get_closest_marker("gpu") is None:
+        hider.hide()
+        return
+    hider.reveal()
+    if not torch.cuda.is_available():
+        why = ("needs a CUDA GPU: torch.cuda.is_available() is False "
+               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}, "
+               f"torch {torch.__version__}, CUDA build {torch.version.cuda})")
+        hider.hide()
+        pytest.skip(why)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _gate(item, _HIDER)     # tryfirst: before any fixture of the test is set up
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    _HIDER.hide()           # after the gpu test's own fixtures are torn down
 
 
 class TinyResNet(nn.Module):

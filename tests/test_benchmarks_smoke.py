@@ -24,6 +24,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.numerics
 def test_retarget_explorer_lands_on_budget():
     torch.manual_seed(0)
     model = CifarResNet(1, (8, 16, 16))
@@ -48,19 +49,23 @@ def test_retarget_explorer_lands_on_budget():
 def test_compact_speed_quick(tmp_path, one_thread):
     out = compact_speed.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     rows = {r["model"]: r for r in out["rows"]}
-    assert set(rows) == {"dense", "chex-1.2G", "chex-0.8G"}
-    for name, budget in (("chex-1.2G", 1.2e9), ("chex-0.8G", 0.8e9)):
-        r = rows[name]
+    chex = [f"chex-{res}{b}G" for res in ("", "res-") for b in ("1.2", "0.8")]
+    assert set(rows) == {"dense", *chex}
+    for name in chex:
+        r, budget = rows[name], float(name.split("-")[-1][:-1]) * 1e9
         assert abs(r["macs"] / budget - 1) < 0.02 and r["macs"] == r["compact_macs"]
         assert r["compact_vs_masked_rel_err"] < 1e-4
         assert r["flops_ratio"] == pytest.approx(rows["dense"]["macs"] / r["macs"])
         assert r["params"] < rows["dense"]["params"]
     assert rows["chex-0.8G"]["macs"] < rows["chex-1.2G"]["macs"]
+    # residual groups (--chex-residual) narrow the stream too, at the same budget
+    assert not rows["chex-0.8G"]["keep_fraction_residual"]
+    assert min(rows["chex-res-0.8G"]["keep_fraction_residual"].values()) < 1
     for r in rows.values():
         assert set(r["speedup"]) == {"fp32_b1", "fp32-cl_b1", "fp32_b4", "fp32-cl_b4"}
         for key, v in r["speedup"].items():          # speed-up = dense time / model time, from the reported times
             assert v == pytest.approx(rows["dense"]["latency_ms"][key] / r["latency_ms"][key], rel=1e-9), key
-    assert (tmp_path / "compact_speed_resnet18_cpu_quick.md").read_text().count("| chex-") == 2
+    assert (tmp_path / "compact_speed_resnet18_cpu_quick.md").read_text().count("| chex-") == 4
     # re-time the same widths with the load-independent CPU clock, without a new mask run
     again = compact_speed.main(["--quick", "--device", "cpu", "--clock", "cpu", "--out", str(tmp_path),
                                 "--widths-from", str(tmp_path / "compact_speed_resnet18_cpu_quick.json")])
@@ -73,9 +78,9 @@ def test_compact_speed_quick(tmp_path, one_thread):
                                   "--round-to", "8",
                                   "--widths-from", str(tmp_path / "compact_speed_resnet18_cpu_quick.json")])
     rrows = {r["model"]: r for r in rounded["rows"]}
-    assert set(rrows) == set(rows) | {"chex-1.2G-round8", "chex-0.8G-round8"}
-    dense_widths = {g.producer: g.size for g in resnet_groups(torchvision.models.resnet18())}
-    for name in ("chex-1.2G", "chex-0.8G"):
+    assert set(rrows) == set(rows) | {f"{n}-round8" for n in chex}
+    dense_widths = {g.name: g.size for g in resnet_groups(torchvision.models.resnet18(), residual=True)}
+    for name in chex:
         r, base = rrows[f"{name}-round8"], rows[name]
         assert all(w % 8 == 0 or w == dense_widths[n] for n, w in r["width_spec"].items())
         assert all(r["width_spec"][n] >= w for n, w in base["width_spec"].items())

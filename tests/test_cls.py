@@ -90,7 +90,7 @@ def test_upstream_training_command_two_processes(upstream_run):
     # no downsample masking: the compact model realises every zero (±1 MAC of float rounding in the zero fraction)
     assert final["compact_macs"] == pytest.approx(final["macs"], rel=1e-6)
 
-    ckpt = torch.load(logs / "checkpoint_000002.pth", weights_only=True)
+    ckpt = torch.load(logs / "checkpoint_000004.pth", weights_only=True)  # named by optimizer steps
     assert {"epoch", "arch", "state_dict", "best_prec1", "optimizer", "explorer", "scheduler", "scaler", "args",
             "rng"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and ckpt["arch"] == "resnet50"
@@ -114,11 +114,11 @@ def test_compact_file_evaluates_like_dense_checkpoint(upstream_run, capsys):
     tmp, data, _ = upstream_run
     results = {}
     torch.set_num_threads(1)
-    for name in ("checkpoint_000002.pth", "compact.pth"):
+    for name in ("checkpoint_000004.pth", "compact.pth"):
         assert _main(["--data-backend", "pytorch", "--arch", "resnet50", "--evaluate", "--epochs", "1", "-b", "100",
                       str(data), "--pretrained-weights", str(tmp / "logs" / name), "-j", "0"]) == 0
         results[name] = last_json(capsys.readouterr().out)
-    dense, small = results["checkpoint_000002.pth"], results["compact.pth"]
+    dense, small = results["checkpoint_000004.pth"], results["compact.pth"]
     assert dense["image_size"] == 32  # taken from the file
     assert small["top1"] == dense["top1"] and small["top5"] == dense["top5"]
     assert small["loss"] == pytest.approx(dense["loss"], rel=1e-4)  # same logits, not just the same argmax
@@ -193,16 +193,44 @@ def test_resume_auto_continues_exploration(tmp_path):
               "--keep-checkpoints", "1"]
     torch.set_num_threads(1)
     assert _main(common + ["--run-epochs", "1"]) == 0
-    first = torch.load(ws / "checkpoint_000001.pth", weights_only=True)
+    first = torch.load(ws / "checkpoint_000004.pth", weights_only=True)
     assert not (ws / "model_best.pth").exists()  # --training-only: no validation metric, so no best copy
     assert first["explorer"]["event_count"] == 1 and not (ws / "compact.pth").exists()
     assert _main(common + ["--resume", "auto"]) == 0
-    second = torch.load(ws / "checkpoint_000002.pth", weights_only=True)
+    second = torch.load(ws / "checkpoint_000008.pth", weights_only=True)
     assert second["epoch"] == 2 and second["explorer"]["event_count"] == 2
     assert second["trainer"]["step_count"] == 8  # 4 steps per epoch, counted across the restart
     raport = json.loads((ws / "experiment_raport.json").read_text())
     assert [e["epoch"] for e in raport["epochs"]] == [0, 1]
     assert (ws / "compact.pth").is_file()
+
+
+def test_residual_flag_reaches_a_budget_internal_groups_cannot_and_exports_it(tmp_path):
+    """--chex-residual end to end: a --target-flops below what block-internal pruning can reach (ResNet-18 with
+    every internal layer at one channel keeps 8.3 % of the MACs) is met, and compact.pth, rebuilt from its cfg,
+    computes what the masked model computes."""
+    from chex_core import count_macs
+    from CLS import model as cls_model
+
+    ws = tmp_path / "ws"
+    argv = ["--data-backend", "synthetic", "--synthetic-samples", "16", "--num-classes", "4", "--image-size", "32",
+            "--arch", "resnet18", "-b", "8", "-j", "0", "--epochs", "2", "--lr", "0.05", "--workspace", str(ws),
+            "--grow_prune", "--delta_T", "1", "--T_max", "2", "--target-flops", "0.05", "--init_channel_ratio",
+            "0.02", "--seed", "1", "--no-tensorboard", "-p", "0", "--training-only", "--chex-residual"]
+    torch.set_num_threads(1)
+    assert _main(argv) == 0
+    masked = cls_model.build_model("resnet18", 4)
+    masked.load_state_dict(torch.load(ws / "checkpoint_000002.pth", weights_only=True)["state_dict"])
+    compact = torch.load(ws / "compact.pth", weights_only=True)
+    assert {"layer1.residual", "layer4.residual"} <= set(compact["cfg"])
+    small = cls_model.load_weights(cls_model.build_model("resnet18", 4), compact["state_dict"], source="compact.pth",
+                                   arch="resnet18", cfg=compact["cfg"])
+    assert small.fc.in_features == compact["cfg"]["layer4.residual"] < 512
+    dense_macs = cls_model.dense_macs_of("resnet18", 4, False, 224)
+    assert count_macs(small, (3, 224, 224), zero_aware=False) <= 0.05 * dense_macs
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(small.double().eval()(x), masked.double().eval()(x), rtol=0, atol=1e-10)
 
 
 def test_digits_backend_is_real_and_fixed():
@@ -235,18 +263,6 @@ def test_unreadable_images_are_skipped_then_fatal(tmp_path, caplog):
     assert str(bad) in caplog.text
     with pytest.raises(DataError, match="more than 0 unreadable images"):
         next(iter(build_loaders("pytorch", str(data), max_bad_images=0, **kw).val))
-
-
-def test_lr_schedules():
-    from CLS.training import lr_factor
-
-    cos = lr_factor("cosine", warmup_steps=10, total_steps=110, steps_per_epoch=10)
-    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
-    assert cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0, abs=1e-12)
-    lin = lr_factor("linear", warmup_steps=0, total_steps=100, steps_per_epoch=10)
-    assert lin(50) == pytest.approx(0.5)
-    step = lr_factor("step", warmup_steps=0, total_steps=1000, steps_per_epoch=10, step_epochs=(30, 60))
-    assert step(299) == 1.0 and step(300) == pytest.approx(0.1) and step(650) == pytest.approx(0.01)
 
 
 def test_multiproc_adds_standalone_on_one_node():

@@ -1,8 +1,10 @@
 """Every ImageNet-table launch script runs the upstream recipe through torchrun with flags CLS accepts, and its
-channel sparsity puts a uniformly pruned random-init model on the row's FLOPs figure (within 3 %)."""
+channel sparsity puts a uniformly pruned random-init model on the row's FLOPs figure (within 3 %). Without torchrun
+on PATH the scripts launch ``$PYTHON -m torch.distributed.run`` instead (scripts/launcher.sh)."""
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -25,6 +27,19 @@ def launched_argv(script, tmp_path):
     out = subprocess.run(["bash", str(script), "/data/imagenet"], env=env, capture_output=True, text=True,
                          timeout=60, check=True)
     return out.stdout.splitlines()
+
+
+def test_without_torchrun_on_path_the_python_module_launches(tmp_path):
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python3.x").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')   # prints what it would run
+    (stub / "python3.x").chmod(0o755)
+    system = {os.path.dirname(shutil.which(tool)) for tool in ("bash", "dirname", "env")}
+    env = {**os.environ, "PATH": os.pathsep.join([str(stub), *system]), "PYTHON": "python3.x"}
+    out = subprocess.run(["bash", str(SCRIPTS[0]), "/data/imagenet"], env=env, capture_output=True, text=True,
+                         timeout=60, check=True)
+    argv = out.stdout.splitlines()
+    assert argv[:4] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"], argv[:6]
 
 
 def test_one_script_per_upstream_row():

@@ -21,6 +21,7 @@ from chex_tasks.coco import make_tiny_coco  # noqa: E402
 from DET import main as det_main  # noqa: E402
 from DET.box_coder import BoxCoder, dboxes300_coco  # noqa: E402
 from DET.data import CocoDetection, DataError, SSDEvalTransform, SSDTrainTransform, dataset_paths  # noqa: E402
+from DET import evaluate as det_evaluate  # noqa: E402
 from DET.evaluate import evaluate  # noqa: E402
 from DET.model import (SSD300, MultiBoxLoss, StateDictMismatch, load_pretrained_backbone,  # noqa: E402
                        load_state_dict_checked, map_upstream_state_dict)
@@ -180,9 +181,15 @@ def test_dataset_and_bad_data(tiny_coco, coder, tmp_path):
         CocoDetection(*dataset_paths(broken, "val"), SSDEvalTransform(), train=False)
 
 
+@pytest.mark.numerics
 def test_loss_falls_on_tiny_set(tiny_coco, coder):
-    """Twelve SGD steps on 2 fixed tiny-COCO images: the SSD loss must fall clearly (learnable data, correct
-    targets). ResNet-18 backbone keeps this CPU test short; the architecture code path is the same."""
+    """Sixteen SGD steps on 2 fixed tiny-COCO images: the SSD loss must fall far below its start (learnable data,
+    correct targets). ResNet-18 backbone keeps this CPU test short; the architecture code path is the same.
+
+    The CPU's kernels change the trajectory from the first step on, so the verdict must not hinge on it: at lr 0.01
+    this from-scratch SSD on a 2-image batch jumped 2x between steps (and failed on an AVX2 machine); at lr 0.003 the
+    loss ends at 0.06-0.11 of its start (AVX-512, AVX2 and baseline x86-64 kernels, 1 or 2 threads), while with
+    targets shuffled at every step (nothing to learn) it stays at ~0.75: the 0.3 threshold is 2.5x from both."""
     torch.manual_seed(0)
     val = CocoDetection(*dataset_paths(tiny_coco, "val"), SSDEvalTransform(), train=False)
     images, offsets, labels = [], [], []
@@ -193,18 +200,18 @@ def test_loss_falls_on_tiny_set(tiny_coco, coder):
         images.append(image), offsets.append(o), labels.append(lab)
     images, offsets, labels = torch.stack(images), torch.stack(offsets), torch.stack(labels)
     model = SSD300("resnet18", num_classes=4)
-    optimizer = det_main.make_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = det_main.make_optimizer(model, lr=0.003, momentum=0.9, weight_decay=5e-4)
     criterion = MultiBoxLoss()
     history = []
-    for _ in range(12):
+    for _ in range(16):
         loss = sum(criterion(*model(images), offsets, labels).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         history.append(loss.item())
     assert all(torch.isfinite(torch.tensor(history)))
-    # median of the last four, so one SGD spike on a 2-image batch cannot flip the verdict
-    assert sorted(history[-4:])[1] < 0.5 * sum(history[:3]) / 3, history
+    # the last three steps against the untrained model's loss (history[0] is measured before any update)
+    assert sum(history[-3:]) / 3 < 0.3 * history[0], history
     print("loss history:", [round(v, 2) for v in history])
     # the trained model evaluated twice through the COCOeval path gives identical metrics
     loader = torch.utils.data.DataLoader(val, batch_size=4)
@@ -215,13 +222,19 @@ def test_loss_falls_on_tiny_set(tiny_coco, coder):
     assert model.training  # evaluate() restores the mode
 
 
-def test_lr_schedule():
-    f = det_main.lr_factor
-    assert f(0, 10, 300, [430, 540]) == pytest.approx(1 / 300)
-    assert f(299, 10, 300, [430, 540]) == pytest.approx(1.0)
-    assert f(4300, 10, 300, [430, 540]) == pytest.approx(0.1)
-    assert f(5400, 10, 300, [430, 540]) == pytest.approx(0.01)
-    assert f(5, 10, 0, []) == 1.0
+def test_lr_schedule(tiny_coco, coder):
+    """NVIDIA SSD: warm-up over --warmup iterations, x0.1 at every --multistep epoch (iterations/epoch = 10)."""
+    from types import SimpleNamespace
+
+    from DET.task import DetTask
+
+    args = det_main.parse_args(["--data", str(tiny_coco), "--warmup", "300", "--multistep", "430", "540"])
+    loaders = SimpleNamespace(train_set=SimpleNamespace(label_map={1: 1}))
+    f = DetTask(args, loaders, coder).lr_schedule(SimpleNamespace(steps_per_epoch=10))
+    assert f(0) == pytest.approx(1 / 300)
+    assert f(299) == pytest.approx(1.0)
+    assert f(4300) == pytest.approx(0.1)
+    assert f(5400) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -281,17 +294,30 @@ def _train_cmd(data, epochs):
 
 
 @pytest.mark.slow
-def test_upstream_commands_two_processes(tiny_coco, tmp_path):
-    """Legacy launcher (epoch 0, first CHEX event) → torchrun resume (epoch 1, last event) → upstream evaluation."""
+def test_upstream_commands_two_processes(tiny_coco, tmp_path, monkeypatch):
+    """Legacy launcher (epoch 0, first CHEX event) → torchrun resume (epoch 1, last event) → upstream evaluation.
+    The backbone starts from torchvision's ImageNet file, as upstream's: here a stand-in the test puts in the hub cache
+    (up to layer3, the part SSD uses), which rank 0 finds there and rank 1 then reads without downloading."""
+    import torchvision
+
+    from DET.model import imagenet_weights_cache_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = pathlib.Path(imagenet_weights_cache_file("resnet50"))
+    cached.parent.mkdir(parents=True)
+    torch.save({k: v for k, v in torchvision.models.resnet50().state_dict().items()
+                if not k.startswith(("layer4.", "fc."))}, cached)
     legacy = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={_free_port()}"]
     out = _run(legacy + _train_cmd(tiny_coco, 1), tmp_path)
     assert "CHEX event 1 at step 1" in out and "world 2" in out
+    assert f"backbone initialised from torchvision resnet50 IMAGENET1K_V1 ({cached})" in out
     first = ckpt_utils.load_checkpoint(str(tmp_path / "logs" / "epoch_0.pt"))
     assert first["epoch"] == 1 and first["iteration"] == 1 and first["explorer"]["event_count"] == 1
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = _run(torchrun + _train_cmd(tiny_coco, 2) + ["--checkpoint", "logs/epoch_0.pt"], tmp_path)
-    assert "resumed from logs/epoch_0.pt at epoch 1, iteration 1" in out
+    cached.unlink()  # 34 MB on a shared disk
+    assert "resuming from logs/epoch_0.pt (epoch 1 done, iteration 1)" in out
     assert "CHEX event 2 at step 2" in out
     ckpt = ckpt_utils.load_checkpoint(str(tmp_path / "logs" / "epoch_1.pt"))
     assert ckpt["iteration"] == 2 and ckpt["explorer"]["event_count"] == 2
@@ -321,7 +347,8 @@ def test_upstream_commands_two_processes(tiny_coco, tmp_path):
 def test_compact_training_trains_resumes_and_exports(tiny_coco, tmp_path):
     """--compact-training on the SSD backbone: the backbone really shrinks during training, a compact checkpoint
     resumes (and refuses a resume without the flag), and the exported model evaluates."""
-    base = ["--backbone", "resnet18", "--bs", "4", "--data", str(tiny_coco), "--multistep", "10", "--warmup", "2",
+    base = ["--backbone", "resnet18", "--random-backbone", "--bs", "4", "--data", str(tiny_coco), "--multistep", "10",
+            "--warmup", "2",
             "--grow_prune", "--channel_sparsity", "0.5", "--init_channel_ratio", "0.2", "--delta_T", "1",
             "--T_max", "2", "--save", str(tmp_path), "--max-iters-per-epoch", "1", "--num-workers", "0",
             "--eval-on-epochs", "99"]
@@ -331,9 +358,36 @@ def test_compact_training_trains_resumes_and_exports(tiny_coco, tmp_path):
     dense = SSD300("resnet18", num_classes=4).backbone.state_dict()
     shrunk = [k for k, v in ck["model"].items() if k.startswith("backbone.") and v.shape != dense[k[9:]].shape]
     assert shrunk, "the trained backbone should be physically narrower"
-    assert det_main.main(base + ["--epoch", "4", "--checkpoint", str(tmp_path / "epoch_2.pt")]) == 1
+    with pytest.raises(SystemExit) as exc:       # a user error: one line naming --resume, exit 2
+        det_main.main(base + ["--epoch", "4", "--checkpoint", str(tmp_path / "epoch_2.pt")])
+    assert exc.value.code == 2
     assert det_main.main(base + ["--epoch", "4", "--compact-training",
                                  "--checkpoint", str(tmp_path / "epoch_2.pt")]) == 0
     assert torch.load(tmp_path / "epoch_3.pt", weights_only=True)["iteration"] == 4
     assert det_main.main(["--backbone", "resnet18", "--mode", "evaluation", "--data", str(tiny_coco),
                           "--checkpoint", str(tmp_path / "model_compact.pt"), "--num-workers", "0"]) == 0
+
+
+def test_residual_flag_narrows_the_heads_and_the_export_equals_the_masked_model(tiny_coco, tmp_path):
+    """--chex-residual: layer3's residual stream is explored with the layers that read it outside the backbone (the
+    first extra block and the first loc/conf heads); model_compact.pt, rebuilt from its width_spec by --mode
+    evaluation's loader, computes what the masked model computes."""
+    argv = ["--backbone", "resnet18", "--bs", "2", "--data", str(tiny_coco), "--multistep", "10", "--warmup", "2",
+            "--grow_prune", "--channel_sparsity", "0.5", "--init_channel_ratio", "0.2", "--delta_T", "1",
+            "--T_max", "2", "--save", str(tmp_path), "--max-iters-per-epoch", "1", "--num-workers", "0",
+            "--eval-on-epochs", "99", "--chex-residual", "--epoch", "2", "--seed", "3"]
+    torch.set_num_threads(1)
+    assert det_main.main(argv) == 0
+    masked = SSD300("resnet18", num_classes=4)
+    masked.load_state_dict(torch.load(tmp_path / "epoch_1.pt", weights_only=True)["model"])
+    _, state, spec = det_evaluate.read_model_checkpoint(str(tmp_path / "model_compact.pt"), "resnet18")
+    assert {"layer1.residual", "layer3.residual"} <= set(spec)
+    small = det_evaluate.build_compact_ssd("resnet18", 4, spec)       # what --mode evaluation rebuilds
+    load_state_dict_checked(small, state, "model_compact.pt")
+    width = spec["layer3.residual"]
+    assert small.loc[0].in_channels == small.conf[0].in_channels == small.additional_blocks[0][0].in_channels \
+        == width < 256
+    x = torch.randn(1, 3, 300, 300, dtype=torch.float64)
+    with torch.no_grad():
+        for a, b in zip(small.double().eval()(x), masked.double().eval()(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

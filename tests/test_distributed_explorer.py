@@ -25,7 +25,9 @@ def _scenario(rank: int, variant: str) -> list[dict]:
     from conftest import tiny_bottleneck
 
     model = tiny_bottleneck(seed=0)
-    groups = resnet_groups(model, include_downsample=True)
+    # "residual": the coupled residual-stream groups (several producers/norms/consumers each) instead of shortcuts
+    groups = resnet_groups(model, residual=True) if variant == "residual" else \
+        resnet_groups(model, include_downsample=True)
     # a different exploration seed per rank: regrowth draws differ, so only the broadcast can make ranks agree
     ex = ChannelExplorer(model, groups, ExplorationSchedule(1, 4, 0.5, 0.3, steps_per_unit=2), seed=11 + rank)
     if variant == "no_mask_broadcast":
@@ -36,7 +38,7 @@ def _scenario(rank: int, variant: str) -> list[dict]:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     ex.start(opt)
     g = torch.Generator().manual_seed(1000 + rank)          # different data (and augmentation) per rank on purpose
-    norms = [model.get_submodule(gr.norm) for gr in groups]
+    norms = [model.get_submodule(n) for gr in groups for n in gr.norms]
     digests = []
     for step in range(1, 10):
         x = torch.randn(6, 3, 16, 16, generator=g)
@@ -78,7 +80,7 @@ def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    result = {v: _scenario(rank, v) for v in ("broadcast", "no_mask_broadcast", "no_stats_sync")}
+    result = {v: _scenario(rank, v) for v in ("broadcast", "residual", "no_mask_broadcast", "no_stats_sync")}
     result["nan"] = _nan_on_one_rank(rank)
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
@@ -97,6 +99,9 @@ def test_two_ranks_agree_after_every_event(tmp_path):
     assert [d["step"] for d in a["broadcast"]] == [2, 4, 6, 8]
     for da, db in zip(a["broadcast"], b["broadcast"]):
         assert da == db, f"ranks differ after the event at step {da['step']}"
+    assert [d["step"] for d in a["residual"]] == [2, 4, 6, 8]
+    for da, db in zip(a["residual"], b["residual"]):      # coupled residual groups (issue 18)
+        assert da == db, f"residual groups: ranks differ after the event at step {da['step']}"
     # negative controls: the same run without the mask broadcast, or without the statistics sync, diverges
     assert any(da["masks"] != db["masks"] for da, db in zip(a["no_mask_broadcast"], b["no_mask_broadcast"]))
     assert any(da["params"] != db["params"] for da, db in zip(a["no_mask_broadcast"], b["no_mask_broadcast"]))

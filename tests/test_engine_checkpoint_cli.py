@@ -17,6 +17,7 @@ def _lin(seed=0):
     return nn.Linear(4, 2)
 
 
+@pytest.mark.numerics
 def test_gradient_accumulation_equals_big_batch():
     x, y = torch.randn(8, 4), torch.randn(8, 2)
     a, b = _lin(), _lin()

@@ -21,7 +21,7 @@ def test_torchvision_resnet_groups(arch, n_groups, n_channels, n_with_down):
     assert len(resnet_groups(m, include_downsample=True)) == n_with_down
     names = {g.producer for g in groups}
     assert "conv1" not in names and not any(n.endswith("conv3") for n in names)   # stem and residual never pruned
-    if arch == "resnet50":   # the official ResNet-50 code has 36 prunable layers, 11392 channels (ALGORITHM.md §2.3)
+    if arch == "resnet50":   # the official ResNet-50 code: 36 prunable layers, 11392 channels (docs/algorithm.md)
         assert sum(g.size for g in resnet_groups(m, include_downsample=True)) == 11392
 
 
@@ -39,7 +39,7 @@ def test_groups_reject_frozen_norm_and_plain_models():
 
 
 def make(model, sparsity=0.5, delta0=0.3, interval=2, t_max=10, spu=3, **kw):
-    groups = resnet_groups(model, include_downsample=kw.pop("downsample", False))
+    groups = resnet_groups(model, include_downsample=kw.pop("downsample", False), residual=kw.pop("residual", False))
     sched = ExplorationSchedule(interval, t_max, sparsity, delta0, steps_per_unit=spu)
     return ChannelExplorer(model, groups, sched, **kw)
 
@@ -77,6 +77,7 @@ def train_steps(model, ex, opt, n, start=0, seed=0):
     return events
 
 
+@pytest.mark.numerics
 def test_start_density_and_masks_stay_dead_under_momentum_and_weight_decay(tiny_model):
     ex = make(tiny_model, sparsity=0.5, delta0=0.2)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.05, momentum=0.875, weight_decay=3e-5)
@@ -86,9 +87,12 @@ def test_start_density_and_masks_stay_dead_under_momentum_and_weight_decay(tiny_
     events = train_steps(tiny_model, ex, opt, 40)
     assert len(events) == 5
     assert dead_entries_are_zero(ex, opt)
-    # after T_max the density is exactly the target (delta = 0 at the last event)
+    # after T_max the density is exactly the target (delta = 0 at the last event), plus one channel for each group the
+    # global ranking would empty (the 1-channel floor); which groups those are depends on the trajectory, so on the
+    # CPU's kernels (baseline x86-64 kernels floor one more group here than AVX-512 ones)
     total = sum(sizes)
-    assert sum(ex.widths().values()) == total - int(total * 0.5)
+    at_floor = sum(1 for w in ex.widths().values() if w == 1)
+    assert total - int(total * 0.5) <= sum(ex.widths().values()) <= total - int(total * 0.5) + at_floor
     assert min(ex.widths().values()) >= 1
 
 
@@ -284,17 +288,19 @@ def test_masks_apply_after_the_model_is_moved(move):
 
 def _group_tensors(ex):
     """Every tensor a group's channels live in, listed from the group fields (not from chex_core.layout), with the
-    masks of the groups along each of its dims: {name: (tensor, {dim: group})}."""
+    masks of the groups along each of its dims and its role: {name: (tensor, {dim: group}, role)}."""
     out = {}
     for g in ex.groups:
-        mods = [(g.producer, ("weight", "bias"), 0), (g.norm, ("weight", "bias", "running_mean", "running_var"), 0)]
-        mods += [(c, ("weight",), 1) for c in g.consumers]
-        for mname, attrs, dim in mods:
+        mods = [(p, ("weight", "bias"), 0, "producer") for p in g.producers]
+        mods += [(n, ("weight", "bias", "running_mean", "running_var"), 0, "norm") for n in g.norms]
+        mods += [(c, ("weight",), 1, "consumer") for c in g.consumers]
+        for mname, attrs, dim, role in mods:
             for attr in attrs:
                 t = getattr(ex.model.get_submodule(mname), attr, None)
                 if t is not None:
-                    out.setdefault(f"{mname}.{attr}", (t, {}))[1][dim] = g.name
-    return out
+                    out.setdefault(f"{mname}.{attr}", (t, {}, role == "norm"))[1][dim] = g.name
+    return {k: (t, dims, "norm" if norm else "producer" if 0 in dims else "consumer")
+            for k, (t, dims, norm) in out.items()}
 
 
 def _live(t, dims, masks):
@@ -306,42 +312,46 @@ def _live(t, dims, masks):
     return live
 
 
-@pytest.mark.parametrize("regrow", ["importance", "random"])
-def test_every_restored_tensor_equals_an_independent_copy(regrow):
+@pytest.mark.parametrize("regrow,residual", [("importance", False), ("random", False), ("importance", True)])
+def test_every_restored_tensor_equals_an_independent_copy(regrow, residual):
     """At every event, each entry that comes back (producer weight and bias, γ, β, running stats, consumer input
     columns) holds bitwise the value it had when it was last live, from a copy kept outside the explorer; entries
-    live before and after the event are untouched."""
+    live before and after the event are untouched. With residual groups: in every producer, norm and consumer
+    (the classifier included) of each stream."""
     model = tiny_bottleneck()
-    for g in resnet_groups(model):                # producer biases too, so their restore is checked
-        conv = model.get_submodule(g.producer)
-        conv.bias = nn.Parameter(torch.randn(conv.out_channels) * 0.1)
-    ex = make(model, sparsity=0.5, delta0=0.4, interval=1, t_max=6, spu=2, regrow=regrow)
+    for g in resnet_groups(model, residual=residual):     # producer biases too, so their restore is checked
+        for name in g.producers:
+            conv = model.get_submodule(name)
+            conv.bias = nn.Parameter(torch.randn(conv.out_channels) * 0.1)
+    ex = make(model, sparsity=0.5, delta0=0.4, interval=1, t_max=6, spu=2, regrow=regrow, residual=residual)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     tensors = _group_tensors(ex)
-    shadow = {k: t.detach().clone() for k, (t, _) in tensors.items()}        # before start(): all live
+    shadow = {k: t.detach().clone() for k, (t, *_) in tensors.items()}        # before start(): all live
     ex.start(opt)
     g = torch.Generator().manual_seed(0)
-    checked = set()
+    checked, regrown = set(), set()
     for step in range(1, 13):
         x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         before_masks = {k: m.clone() for k, m in ex.masks.items()}
-        before = {k: t.detach().clone() for k, (t, _) in tensors.items()}
-        for k, (t, dims) in tensors.items():
+        before = {k: t.detach().clone() for k, (t, *_) in tensors.items()}
+        for k, (t, dims, _) in tensors.items():
             was = _live(t, dims, before_masks)
             shadow[k][was] = before[k][was]
         if ex.after_step(step, opt) is None:
             continue
-        for k, (t, dims) in tensors.items():
+        for k, (t, dims, role) in tensors.items():
             was, now = _live(t, dims, before_masks), _live(t, dims, ex.masks)
             assert torch.equal(t.detach()[now & ~was], shadow[k][now & ~was]), f"step {step}: {k} regrown"
             assert torch.equal(t.detach()[now & was], before[k][now & was]), f"step {step}: {k} kept"
             if bool((now & ~was).any()):
-                role = "norm" if ".bn" in k else "consumer" if 0 not in dims else "producer"
                 checked.add(f"{role}.{k.rpartition('.')[2]}")
+                regrown.add(k)
     assert ex.event_count == 6
+    if residual:       # the stream's own slots came back too: a block's last conv, a shortcut norm, the classifier
+        assert {"layer3.1.conv3.weight", "layer2.0.downsample.1.running_var", "fc.weight"} <= regrown
     assert checked == {"producer.weight", "producer.bias", "norm.weight", "norm.bias", "norm.running_mean",
                        "norm.running_var", "consumer.weight"}
 

@@ -74,7 +74,7 @@ def _rebuild(path: str) -> torch.nn.Module:
     """What a user does with only torch + torchvision + chex_core: weights_only load, rebuild widths, strict load."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     model = cls_model.build_model(obj["arch"], obj["num_classes"], cifar_stem=obj["cifar_stem"])
-    apply_width_spec(model, obj["cfg"])
+    apply_width_spec(model, obj["width_spec"])
     model.load_state_dict(obj["state_dict"], strict=True)
     return model.eval()
 
@@ -82,7 +82,7 @@ def _rebuild(path: str) -> torch.nn.Module:
 def test_compact_checkpoint_is_portable_and_reloads(compact):
     dense, masks, small, path = compact
     obj = torch.load(path, weights_only=True)
-    assert obj["cfg"] == {name: int(m.sum()) for name, m in masks.items()}
+    assert obj["width_spec"] == {name: int(m.sum()) for name, m in masks.items()}
     assert count_macs(small, INPUT, zero_aware=False) < count_macs(dense, INPUT, zero_aware=False)
     refs = ex.assert_portable(path)
     assert "torch._utils._rebuild_tensor_v2" in refs
@@ -113,6 +113,8 @@ def test_onnx_and_program_parity(compact, tmp_path):
     import onnx
     proto = onnx.load(onnx_path)
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    # onnxruntime's kernels and torch's sum in other orders: fp32 rounding moves these logits (|z| < 2) by ~1e-6
+    # (7e-7 measured with AVX-512, AVX2 and baseline x86-64 torch kernels); 1e-4 is 100x that, the bug below is 1.
     assert ex.onnx_parity(model, onnx_path, inputs) < 1e-4
     broken = _rebuild(path)  # the parity check must be able to fail
     with torch.no_grad():
@@ -135,6 +137,7 @@ def _load_cli():
     return mod
 
 
+@pytest.mark.numerics
 def test_cli_compact_and_masked_inputs(compact, tmp_path, caplog, capsys):
     dense, masks, small, path = compact
     cli = _load_cli()
@@ -154,7 +157,7 @@ def test_cli_compact_and_masked_inputs(compact, tmp_path, caplog, capsys):
                 "cifar_stem": True, "image_size": SIZE}, masked)
     out = str(tmp_path / "from_masked.pth")
     assert cli.main([masked, "--no-onnx", "--no-program", "--save-compact", out]) == 0
-    assert torch.load(out, weights_only=True)["cfg"] == {n: int(m.sum()) for n, m in masks.items()}
+    assert torch.load(out, weights_only=True)["width_spec"] == {n: int(m.sum()) for n, m in masks.items()}
     x = ex.example_input(INPUT, batch=2, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(_rebuild(out)(x), dense(x), rtol=1e-4, atol=1e-5)

@@ -73,6 +73,7 @@ def test_fill_regrown_second_moments_touches_only_regrown_entries():
     assert fill_regrown_second_moments(sgd, [(p, was, now)]) == 0            # nothing second-moment-like
 
 
+@pytest.mark.numerics
 def test_compact_and_masked_adam_give_regrown_channels_the_same_state():
     """Through an event, compact training transplants Adam's state exactly as masked training masks and fills it."""
     def run(compact: bool):

@@ -1,10 +1,11 @@
 """SEG: Mask R-CNN R-50-FPN + CHEX on COCO2014-layout data (CPU, tiny synthetic set)."""
 from __future__ import annotations
 
-import copy
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,18 +17,19 @@ pytest.importorskip("pycocotools")
 from chex_core import ChannelExplorer, ExplorationSchedule  # noqa: E402
 from chex_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from chex_tasks.coco import make_tiny_coco  # noqa: E402
+from chex_tasks.harness import make_train_loader  # noqa: E402
 from SEG import train as seg_train  # noqa: E402
 from SEG.data import (CocoInstances, DataError, GroupedInfiniteBatchSampler, aspect_ratio_groups,  # noqa: E402
                       hflip, split_paths)
 from SEG.evaluate import evaluate_results, outputs_to_coco, target_as_output  # noqa: E402
 from SEG.model import (UPSTREAM_PIXEL_MEAN, CheckpointMismatchError, build_maskrcnn, channel_groups,  # noqa: E402
-                       compact_body, load_model_weights, to_upstream_names)
+                       compact_maskrcnn, load_model_weights, to_upstream_names)
 
 # pycocotools' RLE decoding trips a numpy-2 DeprecationWarning on every mask; it is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-# CPU-sized sampling (ENVIRONMENT.md §3) and tiny images, shared by every run below.
+# CPU-sized sampling and tiny images, shared by every run below.
 SMALL = ["--rpn-pre-nms-top-n-train", "200", "--rpn-post-nms-top-n-train", "100", "--rpn-batch-size-per-image", "64",
          "--box-batch-size-per-image", "64", "--box-detections-per-img", "20", "--rpn-pre-nms-top-n-test", "200",
          "--rpn-post-nms-top-n-test", "100", "--print-freq", "1"]
@@ -92,7 +94,16 @@ def test_grouped_sampler_is_deterministic_resumable_and_grouped():
     other = list(GroupedInfiniteBatchSampler(groups, 2, 12, rank=1, world_size=2, seed=1))
     assert len(full) == 12 and all(len(b) == 2 for b in full)
     assert full == list(GroupedInfiniteBatchSampler(groups, 2, 12, rank=0, world_size=2, seed=1))
-    assert full[5:] == list(GroupedInfiniteBatchSampler(groups, 2, 12, rank=0, world_size=2, seed=1, start_iter=5))
+    # resumable: the harness's stateful loader stopped after 5 batches continues with the rest of the stream
+    def loader():
+        sampler = GroupedInfiniteBatchSampler(groups, 2, 12, rank=0, world_size=2, seed=1)
+        return make_train_loader(list(range(len(ratios))), batch_sampler=sampler, collate_fn=list)
+    first = loader()
+    it = iter(first)
+    assert [next(it) for _ in range(5)] == full[:5]
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    assert list(resumed) == full[5:]
     assert not set(full[0]) & set(other[0]), "ranks see different images"
     assert sum(len({groups[i] for i in b}) == 1 for b in full) >= 10, "batches are built within aspect groups"
     with pytest.raises(ValueError, match="batch size"):
@@ -127,18 +138,19 @@ def _masked_bn_model(sparsity: float = 0.5) -> tuple[torch.nn.Module, ChannelExp
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     schedule = ExplorationSchedule(interval=1, t_max=1, sparsity=sparsity, delta0=0.0)
-    explorer = ChannelExplorer(model.backbone.body, channel_groups(model, include_downsample=True), schedule,
+    explorer = ChannelExplorer(model, channel_groups(model, include_downsample=True), schedule,
                                allocation="uniform", criterion="l1")
     explorer.start()
     return model.eval(), explorer
 
 
+@pytest.mark.numerics
 def test_compact_body_equals_masked_bn_and_gn_is_rejected(tmp_path):
     model, explorer = _masked_bn_model()
     assert explorer.density() == pytest.approx(0.5, abs=0.01)
     x = torch.randn(1, 3, 64, 64)
-    body, spec = compact_body(model, explorer.masks)
-    body.eval()
+    small, spec = compact_maskrcnn(model, explorer.groups, explorer.masks)
+    body = small.backbone.body.eval()
     with torch.no_grad():
         masked, compact = model.backbone.body(x), body(x)
     assert list(masked) == list(compact)
@@ -146,16 +158,15 @@ def test_compact_body_equals_masked_bn_and_gn_is_rejected(tmp_path):
         torch.testing.assert_close(compact[key], masked[key], rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in body.parameters()) < 0.8 * sum(p.numel() for p in model.backbone.body.parameters())
     # the compact checkpoint written by training rebuilds from its width spec and loads strictly
-    full = copy.deepcopy(model)
-    full.backbone.body = body
-    path = save_checkpoint({"model": full.state_dict(), "body_spec": spec}, str(tmp_path / "compact.pth"))
+    path = save_checkpoint({"model": small.state_dict(), "body_spec": spec}, str(tmp_path / "compact.pth"))
     fresh = build_maskrcnn(4, norm="bn", head_norm="none", min_size=64, max_size=64)
     assert load_model_weights(fresh, load_checkpoint(path)) == "native"
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval().backbone.body(x)["3"], masked["3"], rtol=1e-4, atol=1e-4)
     gn = build_maskrcnn(4, norm="gn", min_size=64, max_size=64)
     with pytest.raises(ValueError, match="GroupNorm"):
-        compact_body(gn, {g.name: torch.ones(g.size, dtype=torch.bool) for g in channel_groups(gn)})
+        compact_maskrcnn(gn, channel_groups(gn), {g.name: torch.ones(g.size, dtype=torch.bool)
+                                                  for g in channel_groups(gn)})
 
 
 def test_upstream_checkpoint_names_map_and_unmapped_keys_are_named(tmp_path):
@@ -257,8 +268,10 @@ def test_resume_keeps_explorer_state_and_corrupt_image_loses_nothing(tmp_path, c
         CocoInstances(*split_paths(data, "train"), train=True)[0]
     for p, content in good.items():
         p.write_bytes(content)
-    # resuming with other channel groups (shortcuts now masked too) is refused with a clear error
-    assert seg_train.main(_train_argv(data, out, 2, "--chex-prune-downsample")) == 1
+    # resuming with other channel groups (shortcuts now masked too) is refused with one clear line (exit 2)
+    with pytest.raises(SystemExit) as exc:
+        seg_train.main(_train_argv(data, out, 2, "--chex-prune-downsample"))
+    assert exc.value.code == 2
     assert seg_train.main(_train_argv(data, out, 2)) == 0  # resumes at 1, runs event 2 (T_max) then stops
     second = load_checkpoint(str(out / "checkpoint_000002.pth"))
     assert second["iteration"] == 2 and second["explorer"]["event_count"] == 2
@@ -268,7 +281,31 @@ def test_resume_keeps_explorer_state_and_corrupt_image_loses_nothing(tmp_path, c
     for key, value in uninterrupted["model"].items():  # and reproduced the uninterrupted step exactly
         assert torch.equal(second["model"][key], value), key
     compact = load_checkpoint(str(out / "model_compact.pth"))
-    assert compact["body_spec"] and min(compact["body_spec"].values()) >= 1
+    assert compact["module"] == "backbone.body" and min(compact["width_spec"].values()) >= 1   # the one format
+
+
+def test_residual_flag_narrows_the_fpn_laterals_and_the_export_equals_the_masked_model(tmp_path, coco):
+    """--chex-residual: every body stage's residual stream is explored with the FPN lateral that reads it;
+    model_compact.pth, rebuilt from its body_spec, computes the masked model's features (C2..C5 through the FPN).
+    L1 selection and random regrowth keep the events cheap on the ResNet-50 body (the explorer's math is tested on
+    tiny models in tests/test_coupled.py)."""
+    out = tmp_path / "run"
+    assert seg_train.main(_train_argv(coco, out, 2, "--chex-residual", "--chex-criterion", "l1",
+                                      "--chex-regrow", "random", "--chex-allocation", "global",
+                                      "--checkpoint-period", "100")) == 0     # one rolling checkpoint, not two
+    masked, compact = (build_maskrcnn(4, norm="bn", head_norm="none", min_size=64, max_size=64) for _ in range(2))
+    load_model_weights(masked, load_checkpoint(str(out / "model_final.pth")))
+    spec = load_checkpoint(str(out / "model_compact.pth"))["body_spec"]
+    load_model_weights(compact, load_checkpoint(str(out / "model_compact.pth")))
+    assert {f"layer{i}.residual" for i in range(1, 5)} <= set(spec)
+    for i in range(4):
+        assert compact.backbone.fpn.inner_blocks[i][0].in_channels == spec[f"layer{i + 1}.residual"]
+    assert compact.backbone.fpn.inner_blocks[3][0].in_channels < 2048
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = compact.double().eval().backbone(x), masked.double().eval().backbone(x)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-9, msg=key)
 
 
 @pytest.mark.slow
@@ -293,10 +330,19 @@ def test_train_sh_then_eval_sh_two_processes(tmp_path, coco):
     assert any(name.endswith("downsample.0") for name in explorer["masks"])  # PRUNE_DOWNSAMPLE=1 (released)
     assert {"model", "optimizer", "scheduler", "scaler", "iteration", "explorer", "args"} <= set(ckpt)
     assert (results / "model_final.pth").is_file()
+    # eval.sh without torchrun on PATH (a venv used without activating it): $PYTHON -m torch.distributed.run
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls.log"}\nexec {sys.executable} "$@"\n')
+    (shim / "python").chmod(0o755)
+    system = {os.path.dirname(shutil.which(tool)) for tool in ("bash", "dirname", "env")}
+    env["PATH"] = os.pathsep.join([str(shim), *system])
     run = subprocess.run(["bash", "scripts/eval.sh", *SMALL], cwd=seg_dir, env=env, capture_output=True, text=True,
                          timeout=300)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
+    launched = (tmp_path / "calls.log").read_text()
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m SEG.train" in launched
     assert "model_final.pth" in log
     for line in ("task  |    AP |  AP50 |  AP75 |   APs |   APm |   APl", "bbox  |", "segm  |", "FLOPs reduction"):
         assert line in log, line

@@ -31,9 +31,12 @@ resize:
 - a ``GradScaler`` needs nothing (its per-optimizer state is reset by ``update()``, before the rebuild).
 
 Downsample groups (``--chex-prune-downsample``) cannot be narrowed (the shortcut adds into the full residual stream),
-so they stay full width and are masked after every step, as in the masked mode. GroupNorm layers are rejected (their
-statistics span channel groups). For detection/segmentation, build the explorer on the backbone and pass the whole
-network as ``root``: the optimizer and ``wrap`` then cover the whole network.
+so they stay full width and are masked after every step, as in the masked mode. Residual groups (``--chex-residual``)
+are narrowed like any other: every producer, norm and consumer of the stream (the classifier, a detection head) at
+once. GroupNorm layers are rejected (their statistics span channel groups). For detection/segmentation, either build
+the explorer on the whole network with groups found ``within`` its backbone (what the tasks do; needed when a
+residual group's consumers lie outside the backbone), or build it on the backbone and pass the whole network as
+``root``: the optimizer and ``wrap`` then cover the whole network.
 
 With the same seed, compact and masked training follow the same trajectory up to float rounding (a narrower conv
 sums fewer exact zeros; tests/test_physical.py compares the two across several events). Rounding-level

@@ -1,7 +1,8 @@
 """Tensor surgery: move a model's channel-group tensors between channel sets (narrow, widen), in place.
 
 Which tensor dims follow which group comes from :mod:`chex_core.layout` (the same description the explorer's masks,
-MRU store and compact export use). Only *narrowable* groups are resized; a downsample shortcut stays full width.
+MRU store and compact export use). Only *narrowable* groups are resized; a downsample shortcut explored on its own
+stays full width (a residual group narrows the whole stream, shortcut and classifier included).
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ def _sync_sizes(name: str, mod: nn.Module) -> None:
         if mod.groups != 1:
             raise ValueError(f"cannot resize grouped convolution {name!r}")
         mod.out_channels, mod.in_channels = int(mod.weight.shape[0]), int(mod.weight.shape[1])
+    elif isinstance(mod, nn.Linear):            # a classifier reading a residual group
+        mod.out_features, mod.in_features = int(mod.weight.shape[0]), int(mod.weight.shape[1])
     elif isinstance(mod, nn.modules.batchnorm._NormBase):
         mod.num_features = int(mod.weight.shape[0])
     elif isinstance(mod, nn.GroupNorm):

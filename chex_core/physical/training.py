@@ -99,8 +99,8 @@ class PhysicalTraining:
         return None
 
     def width_spec(self) -> dict[str, int]:
-        """``{producer name: width}`` of the model as it is now (the input of ``chex_core.apply_width_spec``)."""
-        return {g.producer: int(self.held[g.name].numel()) for g in self.groups if g.kind != "downsample"}
+        """``{group name: width}`` of the model as it is now (the input of ``chex_core.apply_width_spec``)."""
+        return {g.name: int(self.held[g.name].numel()) for g in self.groups if g.kind != "downsample"}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """``model``'s ``state_dict`` (names relative to ``model``) at full size, pruned channels zero: what the
