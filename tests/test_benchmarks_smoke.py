@@ -1,4 +1,4 @@
-"""Smoke tests of the evidence scripts (benchmarks/compact_speed.py, benchmarks/accuracy_study.py) in --quick mode.
+"""Smoke tests of the evidence scripts (benchmarks/compact_speed.py; the accuracy study: tests/test_accuracy_study.py).
 
 They run the real code paths end to end on tiny settings and check the invariants the published tables rely on:
 every pruned model lands on its FLOPs budget, compact models compute what the masked ones do, every method and seed
@@ -6,14 +6,13 @@ is reported, and bad flags exit with code 2.
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torchvision
 
-from benchmarks import accuracy_study, compact_speed
+from benchmarks import compact_speed
 from benchmarks._common import WidthMacs, bisect_sparsity, retarget_explorer, uniform_widths
+from benchmarks.study.model import CifarResNet
 from chex_core import ChannelExplorer, ExplorationSchedule, count_macs, resnet_groups
 
 
@@ -28,7 +27,7 @@ def one_thread():
 @pytest.mark.numerics
 def test_retarget_explorer_lands_on_budget():
     torch.manual_seed(0)
-    model = accuracy_study.CifarResNet(1, (8, 16, 16))
+    model = CifarResNet(1, (8, 16, 16))
     groups = resnet_groups(model)
     size = (1, 8, 8)
     macs_of = WidthMacs(model, groups, size)
@@ -45,44 +44,6 @@ def test_retarget_explorer_lands_on_budget():
     ex.explore(2)                                # last event (δ = 0): the widths the budget was set for
     assert abs(count_macs(model, size) / target - 1) < 0.05
     assert count_macs(model, size) == macs_of(list(ex.widths().values()))
-
-
-def test_accuracy_study_quick(tmp_path, one_thread):
-    out = accuracy_study.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-plot"])
-    runs, rows = out["runs"], out["summary"]
-    methods = set(accuracy_study.BASELINES + accuracy_study.ABLATIONS)
-    assert {r["method"] for r in rows} == methods
-    assert len(runs) == 2 * len(methods) and all(r["n"] == 2 for r in rows)
-    n_val = out["meta"]["n_val"]
-    for r in runs:
-        correct = r["val_top1"] * n_val / 100          # top-1 counts whole validation images
-        assert correct == pytest.approx(round(correct), abs=1e-6) and round(correct) <= n_val, r
-        if r["method"] == "dense":
-            assert r["macs"] == r["dense_macs"]
-        elif r["method"].startswith("chex"):
-            # the explorer's final masked model, its compact copy and the budget agree
-            assert r["masked_macs"] == r["macs"]
-            assert abs(r["macs_error"]) < 0.05, r
-            assert r["events"] >= 1
-        else:
-            assert abs(r["macs_error"]) < 0.15, r    # 8-channel toy layers: one channel is a big FLOPs step
-    md = (tmp_path / "accuracy_study_quick.md").read_text()
-    assert "| chex |" in md and "CHEX" in md
-    saved = json.loads((tmp_path / "accuracy_study_quick.json").read_text())
-    assert len(saved["runs"]) == len(runs)
-    assert (tmp_path / "accuracy_study_quick.csv").exists()
-    # the reports can be rebuilt from the saved runs alone, identically
-    (tmp_path / "accuracy_study_quick.md").unlink()
-    again = accuracy_study.main(["--from-json", str(tmp_path / "accuracy_study_quick.json"), "--no-plot"])
-    assert (tmp_path / "accuracy_study_quick.md").read_text() == md and again["summary"] == rows
-
-
-def test_accuracy_study_plot(tmp_path):
-    pytest.importorskip("matplotlib")
-    rows = [{"method": m, "reduction": red, "macs_mean": 1e6 * (1 - red), "top1_mean": 90.0 + red, "top1_std": 0.5}
-            for m in accuracy_study.BASELINES + accuracy_study.ABLATIONS for red in (0.3, 0.5)]
-    path = tmp_path / "p.png"
-    assert accuracy_study.plot(rows, path, "t") and path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_compact_speed_quick(tmp_path, one_thread):
@@ -127,9 +88,6 @@ def test_compact_speed_quick(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("script,argv", [
-    (accuracy_study, ["--reductions", "1.5"]),
-    (accuracy_study, ["--epochs", "1"]),
-    (accuracy_study, ["--from-json", "/nonexistent/sweep.json"]),
     (compact_speed, ["--arch", "resnet18", "--budgets", "5"]),
     (compact_speed, ["--batch", "0"]),
     (compact_speed, ["--widths-from", "/nonexistent/speed.json"]),
