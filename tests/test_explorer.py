@@ -370,6 +370,7 @@ def test_non_finite_weights_are_one_error_naming_the_tensor():
     assert all(torch.equal(masks[k], ex.masks[k]) for k in masks) and ex.event_count == 0
 
 
+@pytest.mark.numerics
 def test_first_adam_update_of_a_regrown_channel_is_not_outsized():
     """A long run's Adam state (large step count, so bias corrections ≈ 1): a regrown weight whose second moment
     were zero would move by lr·(1−β1)/√(1−β2) ≈ 3.2·lr at its first step, whatever its gradient. It gets the
@@ -408,7 +409,10 @@ def test_first_adam_update_of_a_regrown_channel_is_not_outsized():
         rows = state["exp_avg_sq"][regrown][:, live_in]
         if rows.numel():
             mean = state["exp_avg_sq"][stay][:, live_in].mean()
-            assert torch.equal(rows, torch.full_like(rows, float(mean)))
+            assert torch.equal(rows, torch.full_like(rows, float(rows.flatten()[0])))   # one fill value...
+            # ...the mean of the staying entries: summed in another order than the explorer's (another shape, so
+            # other kernels and, with threads, other partial sums) it agrees to float32 rounding of a sum, not bitwise
+            torch.testing.assert_close(rows.flatten()[0], mean, rtol=1e-5, atol=0)
             assert state["exp_avg"][regrown].count_nonzero() == 0
             weights[gr.producer] = (w, regrown, w.detach().clone())
             n_regrown += int(regrown.sum())
