@@ -139,9 +139,11 @@ def tiny_model(request):
     return tiny_basic() if request.param == "basic" else tiny_bottleneck()
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """One intra-op thread for the test (results and run time then do not depend on the machine's core count)."""
+    """Every test runs with one intra-op thread, restored afterwards: with several threads a reduction's partial sums
+    depend on the core count, so a verdict (and the run time) would depend on the machine and on which earlier test
+    last changed the setting. Subprocesses choose their own (torchrun sets OMP_NUM_THREADS=1)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -24,7 +24,6 @@ from chex_core.layout import group_layout
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_basic, tiny_bottleneck  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAKERS = {"basic": tiny_basic, "bottleneck": tiny_bottleneck}
 PX = (3, 16, 16)

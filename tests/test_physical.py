@@ -20,7 +20,6 @@ from chex_core.physical import (PhysicalTraining, channel_layout, configure_comp
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_basic, tiny_bottleneck  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAKERS = {"basic": tiny_basic, "bottleneck": tiny_bottleneck}
 # events after steps 3, 6 and 9 (ΔT = 1 unit of 3 steps, T_max = 3 units)

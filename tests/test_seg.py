@@ -27,8 +27,7 @@ from SEG.model import (UPSTREAM_PIXEL_MEAN, CheckpointMismatchError, build_maskr
                        compact_maskrcnn, load_model_weights, to_upstream_names)
 
 # pycocotools' RLE decoding trips a numpy-2 DeprecationWarning on every mask; it is not ours to fix.
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-              pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[1]
 # CPU-sized sampling and tiny images, shared by every run below.

@@ -29,8 +29,6 @@ from SEG.conventions import (ANCHOR_SIZES, ANCHOR_STRIDES, BBOX_XFORM_CLIP, Lega
 from SEG.model import (UPSTREAM_PIXEL_MEAN, SamplingConfig, build_maskrcnn, load_model_weights,  # noqa: E402
                        to_upstream_names)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 # ------------------------------------------------------------------------------ maskrcnn-benchmark, written out
 def mb_generate_anchors(stride: int, size: int, ratios=(0.5, 1.0, 2.0)) -> np.ndarray:

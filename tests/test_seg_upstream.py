@@ -29,8 +29,7 @@ from SEG.evaluate import model_from_args, run_evaluation, splits_from_args  # no
 from SEG.model import to_upstream_names  # noqa: E402
 from SEG.task import SegTask  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-              pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--rpn-pre-nms-top-n-train", "100", "--rpn-post-nms-top-n-train", "50", "--rpn-batch-size-per-image", "32",
          "--box-batch-size-per-image", "32", "--box-detections-per-img", "10", "--rpn-pre-nms-top-n-test", "100",

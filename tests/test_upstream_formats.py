@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 pytest.importorskip("torchvision")
 
