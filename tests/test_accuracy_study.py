@@ -154,6 +154,8 @@ def test_verdict_rule():
     exact = {"top1_mean": 80.0, "top1_std": 0.0, "n": 5}
     assert report.verdict(exact, {"top1_mean": 79.8, "top1_std": 0.0, "n": 5}, 0.5)[0] == "ties with"  # < 1 image
     assert report.verdict(exact, {"top1_mean": 79.4, "top1_std": 0.0, "n": 5}, 0.5)[0] == "beats"
+    one = {"top1_mean": 70.0, "top1_std": 0.0, "n": 1}                 # a single seed has no spread: no verdict
+    assert report.verdict(a, one, 0.05)[0] == report.verdict(one, a, 0.05)[0] == "cannot yet be compared with"
 
 
 def test_accuracy_study_plot(tmp_path):

@@ -65,7 +65,10 @@ def _table(cell: dict, methods, cols, key, head) -> list[str]:
 
 
 def verdict(a: dict, b: dict, one_image: float) -> tuple[str, float, float]:
+    """``(word, gap, noise)``; with a single seed on either side the spread is unknown: no verdict (noise = NaN)."""
     d = a["top1_mean"] - b["top1_mean"]
+    if min(a["n"], b["n"]) < 2:
+        return "cannot yet be compared with", d, float("nan")
     noise = max(2 * math.sqrt(a["top1_std"] ** 2 / a["n"] + b["top1_std"] ** 2 / b["n"]), one_image)
     return ("beats" if d > noise else "loses to" if -d > noise else "ties with"), d, noise
 
@@ -78,7 +81,8 @@ def verdict_lines(cell: dict, one_image: float) -> list[str]:
             o = cell.get((other, b if other != "dense" else 1.0, e))
             if o is not None and o is not cell[(m, b, e)]:
                 v, d, noise = verdict(cell[(m, b, e)], o, one_image)
-                parts.append(f"{v} {other} ({d:+.2f} ± {noise:.2f})")
+                spread = f" ± {noise:.2f}" if noise == noise else ", one seed"
+                parts.append(f"{v} {other} ({d:+.2f}{spread})")
         if parts:
             out.append(f"- {m} at {100 * b:g} % MACs, {e} epochs: " + ", ".join(parts) + ".")
     return out
