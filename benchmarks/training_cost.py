@@ -46,8 +46,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _optimizer(model: nn.Module) -> torch.optim.SGD:
-    # the NVIDIA/upstream recipe: SGD momentum 0.875, wd 3.05e-5, BN without weight decay
+def upstream_sgd(model: nn.Module) -> torch.optim.SGD:
+    """The NVIDIA/upstream recipe: SGD momentum 0.875, wd 3.05e-5, BN without weight decay."""
     bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)}
     return torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in bn], "weight_decay": 3.05e-5},
                             {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0}],
@@ -63,7 +63,7 @@ class Runner:
         model = getattr(torchvision.models, arch)(weights=None, num_classes=args.num_classes).to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model, self.opt, self.hook, self.phys, self.explorer = model, _optimizer(model), None, None, None
+        self.model, self.opt, self.hook, self.phys, self.explorer = model, upstream_sgd(model), None, None, None
         self.step_count = 0
         if kind in ("masked", "compact"):
             groups = resnet_groups(model)
@@ -113,7 +113,7 @@ def event_times(arch: str, sparsity: float, delta0: float, args, device: torch.d
     for kind in ("masked", "compact"):
         torch.manual_seed(0)
         model = getattr(torchvision.models, arch)(weights=None, num_classes=args.num_classes).to(device)
-        opt = _optimizer(model)
+        opt = upstream_sgd(model)
         sched = ExplorationSchedule(1, 10**6, sparsity, delta0, steps_per_unit=1)
         ex = ChannelExplorer(model, resnet_groups(model), sched, criterion=args.criterion, seed=0)
         ex.start(opt)

@@ -16,6 +16,8 @@ skipped with the reason when torch sees no GPU.
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +150,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------- subprocess test helpers
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for a test's child processes: one thread, this checkout importable, CI mode, plus ``extra``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CHEX_REPO=str(REPO), CI="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

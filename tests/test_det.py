@@ -25,6 +25,7 @@ from DET import evaluate as det_evaluate  # noqa: E402
 from DET.evaluate import evaluate  # noqa: E402
 from DET.model import (SSD300, MultiBoxLoss, StateDictMismatch, load_pretrained_backbone,  # noqa: E402
                        load_state_dict_checked, map_upstream_state_dict)
+from conftest import free_port  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DET_MAIN = REPO / "DET" / "main.py"
@@ -261,14 +262,6 @@ def test_legacy_local_rank_flag_accepted(tiny_coco):
         assert args.mode == "training"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(cmd, cwd, timeout=240, expect_rc=0):
     """Run ``cmd`` in its own process group; on timeout kill the whole group (launcher and workers) and fail."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
@@ -307,7 +300,7 @@ def test_upstream_commands_two_processes(tiny_coco, tmp_path, monkeypatch):
     cached.parent.mkdir(parents=True)
     torch.save({k: v for k, v in torchvision.models.resnet50().state_dict().items()
                 if not k.startswith(("layer4.", "fc."))}, cached)
-    legacy = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    legacy = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={free_port()}"]
     out = _run(legacy + _train_cmd(tiny_coco, 1), tmp_path)
     assert "CHEX event 1 at step 1" in out and "world 2" in out
     assert f"backbone initialised from torchvision resnet50 IMAGENET1K_V1 ({cached})" in out

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,26 +53,15 @@ WRAPPER = textwrap.dedent('''
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CHEX_REPO=str(REPO), CI="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(wrapper: Path, args: list[str], restarts: int = 0, timeout: int = 120, **env):
     """``torchrun`` with 2 local gloo workers, c10d rendezvous on a free port. The launcher runs in its own session
     and the whole group is SIGKILLed on timeout, so a hung worker can neither hang CI nor outlive the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", str(restarts),
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--tee", "3", str(wrapper),
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--tee", "3", str(wrapper),
            *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -111,7 +101,7 @@ def _kill_mid_save(folder: Path, target: Path) -> bool:
     kill landed mid-save (a temp file was left behind)."""
     from chex_core.checkpoint import TMP_PREFIX
 
-    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)], cwd=REPO, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout.readline().strip() == "1", "the first save did not complete"
@@ -135,7 +125,7 @@ def test_missing_resume_path_is_one_line_and_exit_2(tmp_path):
     ws = tmp_path / "ws"
     missing = tmp_path / "no" / "such" / "checkpoint.pth"
     proc = subprocess.run([sys.executable, str(REPO / "CLS" / "main.py"), *CLS_ARGS, "--epochs", "1",
-                           "--workspace", str(ws), "--resume", str(missing)], cwd=REPO, env=_env(),
+                           "--workspace", str(ws), "--resume", str(missing)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port, subprocess_env
 
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
@@ -127,22 +128,9 @@ WRAPPER = textwrap.dedent('''
 ''')
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CHEX_REPO=str(REPO), CI="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(cmd: list[str], timeout: int, **env) -> subprocess.CompletedProcess:
     """Run in its own session; on timeout kill the whole group (launcher and workers) and fail."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -164,7 +152,7 @@ def _single(wrapper: Path, argv: list[str], **env):
 
 def _torchrun(wrapper: Path, argv: list[str], **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--tee", "3", str(wrapper), *argv]
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--tee", "3", str(wrapper), *argv]
     return _launch(cmd, timeout=400, **env)
 
 

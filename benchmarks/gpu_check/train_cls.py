@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.training_cost import IMAGENET_TRAIN, density_curve, interpolate
+from benchmarks.training_cost import IMAGENET_TRAIN, density_curve, interpolate, upstream_sgd
 from chex_core import ChannelExplorer, ExplorationSchedule, count_macs, resnet_groups
 from chex_core.engine import AmpConfig, TrainStep
 from chex_core.physical import PhysicalTraining
@@ -35,13 +35,6 @@ CANDIDATE_BATCHES = (256, 224, 192, 160, 128, 96, 64, 32, 16, 8, 4, 2, 1)
 CL = torch.channels_last
 
 
-def _optimizer(model: nn.Module) -> torch.optim.SGD:
-    bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)}
-    return torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in bn], "weight_decay": 3.05e-5},
-                            {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0}],
-                           lr=0.256, momentum=0.875)
-
-
 class Runner:
     """One training configuration (dense, masked or compact at density k) and its ``TrainStep``."""
 
@@ -49,7 +42,7 @@ class Runner:
         self.name, self.kind, self.density, self.device = name, kind, density, cfg.device
         torch.manual_seed(cfg.seed)
         model = torchvision.models.resnet50(weights=None).to(cfg.device, memory_format=CL)
-        opt = _optimizer(model)
+        opt = upstream_sgd(model)
         self.amp = AmpConfig(enabled=True, device_type=cfg.device.type, static_loss_scale=cfg.static_loss_scale,
                              dtype=cfg.amp_dtype)
         self.explorer = self.phys = None
