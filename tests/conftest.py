@@ -16,7 +16,9 @@ skipped with the reason when torch sees no GPU.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_process_group(cmd: list, *, cwd, env: dict, timeout: float, what: str = "") -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session, output merged; on timeout SIGKILL the whole group (launcher and workers) and
+    fail the test with the tail of the output; afterwards kill any worker left behind."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{what or ' '.join(map(str, cmd[:4]))} did not finish within {timeout} s; last output:\n"
+                    f"{out[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+def zero_every_second_channel(model: nn.Module) -> None:
+    """The masked dense layout of a released CHEX model: every second channel of each internal group zeroed (producer
+    rows, norm γ and β, consumer input columns)."""
+    from chex_core import resnet_groups
+
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for g in resnet_groups(model):
+            drop = torch.arange(g.size) % 2 == 1
+            mods[g.producer].weight[drop] = 0
+            mods[g.norm].weight[drop] = 0
+            mods[g.norm].bias[drop] = 0
+            for c in g.consumers:
+                mods[c].weight[:, drop] = 0

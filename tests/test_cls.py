@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import zero_every_second_channel
+
 REPO = Path(__file__).resolve().parent.parent
 CLS_DIR = REPO / "CLS"
 N_CLASSES = 4
@@ -130,21 +132,11 @@ def test_compact_file_evaluates_like_dense_checkpoint(upstream_run, capsys):
 def _released_checkpoint(path: Path, arch: str = "resnet50", prefix: str = "module.") -> tuple[dict, torch.nn.Module]:
     """A file in the upstream released layout: dense tensors, half of every prunable group zeroed (conv rows,
     BN γ/β, consumer input columns), keys epoch/arch/state_dict/best_prec1/optimizer."""
-    from chex_core import resnet_groups
-
     from CLS.model import build_model
 
     torch.manual_seed(0)
     model = build_model(arch, N_CLASSES, bn_gamma=0.5)
-    mods = dict(model.named_modules())
-    with torch.no_grad():
-        for g in resnet_groups(model):
-            drop = torch.arange(g.size) % 2 == 1
-            mods[g.producer].weight[drop] = 0
-            mods[g.norm].weight[drop] = 0
-            mods[g.norm].bias[drop] = 0
-            for c in g.consumers:
-                mods[c].weight[:, drop] = 0
+    zero_every_second_channel(model)
     sd = {prefix + k: v for k, v in model.state_dict().items()}
     ckpt = {"epoch": 250, "arch": (arch, "fanin", N_CLASSES, None), "state_dict": sd, "best_prec1": 77.4,
             "optimizer": {"state": {}, "param_groups": []}}

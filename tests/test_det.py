@@ -3,8 +3,6 @@
 import os
 import pathlib
 import shutil
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -25,7 +23,7 @@ from DET import evaluate as det_evaluate  # noqa: E402
 from DET.evaluate import evaluate  # noqa: E402
 from DET.model import (SSD300, MultiBoxLoss, StateDictMismatch, load_pretrained_backbone,  # noqa: E402
                        load_state_dict_checked, map_upstream_state_dict)
-from conftest import free_port  # noqa: E402
+from conftest import free_port, run_process_group  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DET_MAIN = REPO / "DET" / "main.py"
@@ -263,18 +261,11 @@ def test_legacy_local_rank_flag_accepted(tiny_coco):
 
 
 def _run(cmd, cwd, timeout=240, expect_rc=0):
-    """Run ``cmd`` in its own process group; on timeout kill the whole group (launcher and workers) and fail."""
+    """Run ``cmd`` in its own process group (killed on timeout); check its exit status; return its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-3000:]}")
-    assert proc.returncode == expect_rc, out[-4000:]
-    return out
+    run = run_process_group(cmd, cwd=cwd, env=env, timeout=timeout)
+    assert run.returncode == expect_rc, run.stdout[-4000:]
+    return run.stdout
 
 
 def _train_cmd(data, epochs):

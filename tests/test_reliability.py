@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, subprocess_env
+from conftest import free_port, run_process_group, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,20 +61,7 @@ def _torchrun(wrapper: Path, args: list[str], restarts: int = 0, timeout: int = 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", str(restarts),
            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--tee", "3", str(wrapper),
            *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout} s (hang); last output:\n{out[-3000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+    return run_process_group(cmd, cwd=REPO, env=subprocess_env(**env), timeout=timeout, what="torchrun")
 
 
 def _wrapper(tmp_path: Path) -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -30,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, subprocess_env
+from conftest import free_port, run_process_group, subprocess_env
 
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
@@ -129,21 +128,7 @@ WRAPPER = textwrap.dedent('''
 
 
 def _launch(cmd: list[str], timeout: int, **env) -> subprocess.CompletedProcess:
-    """Run in its own session; on timeout kill the whole group (launcher and workers) and fail."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{cmd[:4]} did not finish within {timeout} s; last output:\n{out[-3000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+    return run_process_group(cmd, cwd=REPO, env=subprocess_env(**env), timeout=timeout)
 
 
 def _single(wrapper: Path, argv: list[str], **env):

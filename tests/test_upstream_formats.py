@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import zero_every_second_channel
 
 pytest.importorskip("torchvision")
 
@@ -64,21 +65,6 @@ def write_upstream_checkpoint(path: Path, model: torch.nn.Module, arch: str, epo
              "best_prec1": float(best_prec1), "optimizer": optimizer.state_dict()}
     torch.save(state, path)
     return state
-
-
-def _prune_half(model: torch.nn.Module) -> None:
-    """Masked dense layout of a released CHEX model: every second channel of each group zeroed."""
-    from chex_core import resnet_groups
-
-    mods = dict(model.named_modules())
-    with torch.no_grad():
-        for g in resnet_groups(model):
-            drop = torch.arange(g.size) % 2 == 1
-            mods[g.producer].weight[drop] = 0
-            mods[g.norm].weight[drop] = 0
-            mods[g.norm].bias[drop] = 0
-            for c in g.consumers:
-                mods[c].weight[:, drop] = 0
 
 
 def _imagenet_1000(root: Path) -> Path:
@@ -132,7 +118,7 @@ def test_official_cls_checkpoint_layout_through_the_upstream_evaluation_command(
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
-    _prune_half(model)
+    zero_every_second_channel(model)
     _prototype_head(model, data, 32)
     ckpt = tmp_path / "resnet18_1gflops_69.6top1.pth.tar"
     write_upstream_checkpoint(ckpt, model, "resnet18")
